@@ -1,0 +1,3 @@
+"""`megatron-pma` command line (being built)."""
+def main(argv=None):
+    raise SystemExit("not yet")
