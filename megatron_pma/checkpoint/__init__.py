@@ -1,0 +1,1 @@
+"""Megatron checkpoints on disk, read and written without building a model or importing megatron."""

@@ -1,0 +1,101 @@
+"""The non-tensor ("common") state of a Megatron checkpoint, read without Megatron installed.
+
+Up to megatron-core 0.18 it is ``common.pt`` (a plain torch.save); from 0.19 it lives inside DCP
+as the byte object ``common_state/...`` holding ``torch.save([state_dict])``. It pickles Megatron
+classes (enums in ``args``, ...): unknown classes become inert stand-ins, since we only read plain
+fields (``iteration``, ``args.global_batch_size``, ``args.seq_length``, ...). The merge itself
+never unpickles it: it copies the newest input's bytes verbatim.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import types
+from pathlib import Path
+
+import torch
+
+from megatron_pma.checkpoint import dcp
+from megatron_pma.errors import PMAError
+
+
+class _Opaque:
+    """Stand-in for a class we cannot (or need not) import."""
+
+    def __init__(self, *args, **kwargs):
+        self._args = args
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+    def __call__(self, *args, **kwargs):  # enums are rebuilt by calling the class
+        return _Opaque(*args)
+
+
+def _opaque_class(module, name):
+    return type(name, (_Opaque,), {"__module__": f"pma_standin.{module}"})
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    _SAFE_PREFIXES = ("torch", "collections", "argparse", "builtins", "numpy", "copyreg",
+                      "_codecs", "datetime", "pathlib", "enum", "types", "functools")
+
+    def find_class(self, module, name):
+        if module.split(".")[0] in self._SAFE_PREFIXES:
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                pass
+        return _opaque_class(module, name)
+
+
+lenient_pickle = types.SimpleNamespace(Unpickler=_LenientUnpickler, load=lambda f, **kw: _LenientUnpickler(f, **kw).load(),
+                                       __name__="pma_lenient_pickle")
+
+
+def _lenient_torch_load(data) -> object:
+    return torch.load(data, map_location="cpu", weights_only=False, pickle_module=lenient_pickle)
+
+
+def read_common_state(ckpt_dir: Path, md=None) -> dict | None:
+    """The common state dict, or None if this checkpoint has none we can find."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / dcp.COMMON_FILE
+    try:
+        if path.exists():
+            state = _lenient_torch_load(str(path))
+            return state if isinstance(state, dict) else None
+        md = md if md is not None else dcp.read_metadata(ckpt_dir)
+        key = next((k for k in dcp.bytes_entries(md) if k.startswith("common_state")), None)
+        if key is None:
+            return None
+        info = next(v for i, v in md.storage_data.items() if i.fqn == key)
+        blob = dcp.read_bytes(str(ckpt_dir / info.relative_path), info.offset, info.length)
+        state = _lenient_torch_load(io.BytesIO(blob))
+        if isinstance(state, list) and state and isinstance(state[0], dict):
+            state = state[0]
+        return state if isinstance(state, dict) else None
+    except PMAError:
+        raise
+    except Exception as e:
+        raise PMAError(f"{path if path.exists() else ckpt_dir}: unreadable common state "
+                       f"({type(e).__name__}: {e})") from None
+
+
+def consumed_tokens(state: dict | None, iteration: int, tokens_per_iter: int | None = None) -> int | None:
+    """Tokens seen up to this checkpoint: an explicit per-iteration count wins, then the run's own
+    ``consumed_train_samples`` x ``seq_length`` (exact under batch-size ramp-up), then
+    iteration x global_batch_size x seq_length."""
+    if tokens_per_iter is not None:
+        return iteration * tokens_per_iter
+    args = state.get("args") if isinstance(state, dict) else None
+    seq = getattr(args, "seq_length", None)
+    if seq is None:
+        return None
+    samples = getattr(args, "consumed_train_samples", None)
+    if isinstance(samples, int) and samples > 0:
+        return samples * seq
+    gbs = getattr(args, "global_batch_size", None)
+    return iteration * gbs * seq if gbs else None

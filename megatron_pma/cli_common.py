@@ -1,0 +1,47 @@
+"""Merge options shared by `merge`, `watch` and the training launcher."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_pma.errors import PMAError
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weights must be comma-separated numbers, got {text!r}")
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser, *, window: bool = True) -> None:
+    g = parser.add_argument_group("merge schedule")
+    g.add_argument("--method", default="sma", choices=["sma", "ema", "wma", "lawa", "custom"],
+                   help="weights: sma (1/N), ema (--alpha), wma (linear), lawa (uniform over a "
+                        "strided window), custom (--weights)")
+    g.add_argument("--alpha", type=float, default=0.2, help="EMA smoothing factor (default 0.2)")
+    g.add_argument("--weights", type=_weights, default=None, help="custom weights w1,w2,... oldest first")
+    g.add_argument("--normalize", action="store_true", help="rescale custom weights to sum to 1")
+    g.add_argument("--optimizer", default="drop", choices=["drop", "average", "keep-last-moments"],
+                   help="optimizer state in the output (default drop: resume with --no-load-optim/--finetune)")
+    if window:
+        w = parser.add_argument_group("window (with --save-dir)")
+        w.add_argument("--num-models", type=int, default=None, help="N checkpoints to merge")
+        w.add_argument("--interval-iters", type=int, default=None, help="spacing in iterations")
+        w.add_argument("--interval-tokens", type=float, default=None, help="spacing in tokens (e.g. 4e9)")
+        w.add_argument("--tokens-per-iter", type=int, default=None,
+                       help="override tokens per iteration (default: from the checkpoint's args)")
+        w.add_argument("--every", type=int, default=1, help="LAWA stride: take every s-th save")
+
+
+def schedule_kwargs(args: argparse.Namespace) -> dict:
+    return dict(method=args.method, alpha=args.alpha, weights=args.weights,
+                normalize=args.normalize, optimizer=args.optimizer)
+
+
+def window_kwargs(args: argparse.Namespace) -> dict:
+    if not args.num_models:
+        raise PMAError("--num-models is required with --save-dir")
+    return dict(num_models=args.num_models, interval_iters=args.interval_iters,
+                interval_tokens=int(args.interval_tokens) if args.interval_tokens else None,
+                tokens_per_iter=args.tokens_per_iter, every=args.every)

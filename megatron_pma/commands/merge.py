@@ -1,0 +1,51 @@
+"""`megatron-pma merge`: explicit checkpoints, or a window picked from a save dir."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from megatron_pma.cli_common import add_schedule_arguments, schedule_kwargs, window_kwargs
+from megatron_pma.errors import PMAError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", nargs="*", type=Path, help="checkpoint dirs (any order; sorted by iteration)")
+    p.add_argument("--save-dir", type=Path, help="pick the window from this Megatron save dir instead")
+    p.add_argument("--up-to-iteration", type=int, default=None, help="window ends at or before this iteration")
+    p.add_argument("--output", "-o", type=Path, required=True,
+                   help="new checkpoint dir; named iter_XXXXXXX it also updates its parent's tracker")
+    add_schedule_arguments(p)
+    p.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="merge even if an input holds NaN/Inf")
+    p.add_argument("--no-tracker", action="store_true", help="never write the parent's tracker file")
+    p.add_argument("--no-fsync", action="store_true", help="skip fsync before publishing (faster, less durable)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_pma.checkpoint.discovery import select_window
+    from megatron_pma.merge import merge_checkpoints
+
+    if args.save_dir and args.checkpoints:
+        raise PMAError("give checkpoint dirs or --save-dir, not both")
+    if args.save_dir:
+        inputs = select_window(args.save_dir, up_to_iteration=args.up_to_iteration, **window_kwargs(args))
+    elif args.checkpoints:
+        if args.num_models and args.num_models != len(args.checkpoints):
+            raise PMAError(f"--num-models {args.num_models} but {len(args.checkpoints)} checkpoints given")
+        inputs = args.checkpoints
+    else:
+        raise PMAError("nothing to merge: give checkpoint dirs or --save-dir")
+    result = merge_checkpoints(inputs, args.output, force=args.force,
+                               allow_nonfinite=args.allow_nonfinite,
+                               update_tracker=False if args.no_tracker else None,
+                               progress=not args.quiet and sys.stderr.isatty(),
+                               fsync=not args.no_fsync, **schedule_kwargs(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        pairs = ", ".join(f"{it}:{w:.4g}" for it, w in zip(result.iterations, result.weights))
+        print(f"merged {len(result.iterations)} checkpoints ({args.method}; iteration:weight {pairs}) "
+              f"-> {result.output} [{result.bytes_written / 2**20:.1f} MiB in {result.seconds:.2f} s]")
+    return 0

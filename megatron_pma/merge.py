@@ -1,0 +1,582 @@
+"""The merge engine: plan -> per-rank streaming weighted sum -> write -> atomic publish.
+
+Works directly on Megatron-Core ``torch_dist`` checkpoints. No model is built and nothing is
+resharded: every stored chunk (key, offsets) of the output is the weighted sum of the same chunk
+of every input, accumulated in fp32 slab by slab and written in the input dtype. Memory per
+process is bounded by the largest chunk plus two slabs. Under ``torchrun`` / ``srun`` the output
+files are split over ranks; which chunk lands in which output file does not depend on the
+number of processes, so 1 and P processes write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+
+from megatron_pma import __version__, schedules
+from megatron_pma.checkpoint import dcp, publish
+from megatron_pma.checkpoint.discovery import (
+    ITER_DIR,
+    is_complete,
+    iteration_from_name,
+    read_tracker,
+)
+from megatron_pma.checkpoint.common_state import read_common_state
+from megatron_pma.errors import PMAError
+from megatron_pma.parallel import Group
+
+OPTIMIZER_MODES = ("drop", "average", "keep-last-moments")
+PROVENANCE_FILE = "pma_provenance.json"
+SLAB_ELEMENTS = 1 << 24  # 16 Mi elements: 64 MiB of fp32 accumulator per process
+# Files we regenerate; everything else at the top of the newest input is copied verbatim.
+_REGENERATED = {dcp.METADATA_FILE, PROVENANCE_FILE, "integrity.json"}
+
+
+@dataclass
+class InputCheckpoint:
+    path: Path
+    iteration: int
+    metadata: Metadata
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+
+@dataclass
+class Job:
+    """One output item: a tensor chunk (merged or copied) or a byte object (copied)."""
+
+    key: str
+    offsets: tuple | None          # None for byte objects
+    shape: tuple = ()
+    dtype: torch.dtype | None = None
+    merge: bool = True             # False: take the newest input's bytes
+    nbytes: int = 0
+
+    @property
+    def index(self) -> MetadataIndex:
+        return MetadataIndex(self.key, self.offsets)
+
+
+@dataclass
+class MergePlan:
+    inputs: list[InputCheckpoint]
+    weights: list[float]
+    jobs: list[Job]
+    num_files: int
+    kept_keys: list[str]
+    method: str
+    optimizer: str
+
+    @property
+    def newest(self) -> InputCheckpoint:
+        return self.inputs[-1]
+
+    def files(self) -> list[list[Job]]:
+        """Deterministic, balanced assignment of jobs to output files (largest first)."""
+        buckets: list[list[Job]] = [[] for _ in range(self.num_files)]
+        load = [0] * self.num_files
+        for job in sorted(self.jobs, key=lambda j: (-j.nbytes, j.key, j.offsets or ())):
+            b = min(range(self.num_files), key=lambda i: (load[i], i))
+            buckets[b].append(job)
+            load[b] += max(job.nbytes, 1)
+        for bucket in buckets:  # write in key order: friendlier to readers
+            bucket.sort(key=lambda j: (j.key, j.offsets or ()))
+        return buckets
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    iterations: list[int]
+    weights: list[float]
+    seconds: float
+    bytes_written: int = 0
+    keys: int = 0
+    inputs: list[Path] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Key roles (Megatron naming, see megatron-core dist_checkpointing/optimizer.py and
+# optimizer/distrib_optimizer.py)
+
+
+def optimizer_role(key: str) -> str | None:
+    """None for model state; "param" for fp32 main params; "moment" for Adam moments; "other"."""
+    if not key.startswith("optimizer."):
+        return None
+    parts = key.split(".")
+    if "fp32_param" in parts or parts[-1] == "param" or key.startswith("optimizer.state.param."):
+        return "param"
+    if "exp_avg" in parts or "exp_avg_sq" in parts or parts[-1] in ("exp_avg", "exp_avg_sq"):
+        return "moment"
+    return "other"
+
+
+def _keep_key(key: str, optimizer: str) -> bool:
+    return not (optimizer == "drop" and optimizer_role(key) is not None)
+
+
+def _merge_key(key: str, optimizer: str, dtype: torch.dtype) -> bool:
+    if not dtype.is_floating_point:
+        return False  # step counters and the like: newest wins
+    role = optimizer_role(key)
+    if role is None or role == "param":
+        return True  # model weights and the fp32 master copy must move together (see README)
+    if role == "moment":
+        return optimizer == "average"
+    return optimizer == "average"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: every check that can fail runs here, before any output exists.
+
+
+def load_input(path: Path) -> InputCheckpoint:
+    path = Path(path)
+    if not path.exists():
+        raise PMAError(f"{path}: no such checkpoint")
+    if not path.is_dir():
+        raise PMAError(f"{path}: not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise PMAError(f"{path}: permission denied")
+    if not is_complete(path):
+        raise PMAError(f"{path}: no {dcp.MEGATRON_METADATA_FILE} (incomplete save, or not a "
+                       "Megatron dist checkpoint)")
+    try:
+        meta = json.loads((path / dcp.MEGATRON_METADATA_FILE).read_text())
+    except PermissionError:
+        raise PMAError(f"{path / dcp.MEGATRON_METADATA_FILE}: permission denied") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PMAError(f"{path / dcp.MEGATRON_METADATA_FILE}: not valid JSON ({e})") from None
+    backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
+    if backend != "torch_dist":
+        raise PMAError(f"{path}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
+    md = dcp.read_metadata(path)
+    iteration = iteration_from_name(path)
+    if iteration is None:
+        state = read_common_state(path, md)
+        iteration = state.get("iteration") if state else None
+        if not isinstance(iteration, int):
+            raise PMAError(f"{path}: cannot tell its iteration (name it iter_XXXXXXX)")
+    _check_files(path, md)
+    return InputCheckpoint(path, iteration, md)
+
+
+def _check_files(path: Path, md: Metadata) -> None:
+    """Every data file exists and is long enough for the chunks it should hold."""
+    needed: dict[str, int] = {}
+    for idx, info in md.storage_data.items():
+        if getattr(info, "transform_descriptors", None):
+            raise PMAError(f"{path}: key {idx.fqn} is stored with transforms "
+                           f"{info.transform_descriptors}; not supported")
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for rel, end in sorted(needed.items()):
+        file = path / rel
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise PMAError(f"{file}: missing data file") from None
+        if size < end:
+            raise PMAError(f"{file}: truncated ({size} bytes, metadata needs {end})")
+        if not os.access(file, os.R_OK):
+            raise PMAError(f"{file}: permission denied")
+
+
+def _describe(entry) -> str:
+    if isinstance(entry, TensorStorageMetadata):
+        return f"{entry.properties.dtype} {list(entry.size)}"
+    return "byte object"
+
+
+def check_layout(inputs: Sequence[InputCheckpoint], optimizer: str) -> list[str]:
+    """Same keys, global shapes, dtypes and chunk layout in every input; returns the kept keys."""
+    ref = inputs[-1]
+    ref_entries = {k: v for k, v in ref.metadata.state_dict_metadata.items() if _keep_key(k, optimizer)}
+    for other in inputs[:-1]:
+        entries = {k: v for k, v in other.metadata.state_dict_metadata.items() if _keep_key(k, optimizer)}
+        missing = sorted(set(ref_entries) - set(entries))
+        if missing:
+            raise PMAError(f"{other.label}: missing key {missing[0]} (present in {ref.label})")
+        extra = sorted(set(entries) - set(ref_entries))
+        if extra:
+            raise PMAError(f"{other.label}: key {extra[0]} is not in {ref.label}")
+        for key, r in ref_entries.items():
+            e = entries[key]
+            if type(e) is not type(r):
+                raise PMAError(f"{other.label}: key {key} is {_describe(e)}, {ref.label} has {_describe(r)}")
+            if not isinstance(r, TensorStorageMetadata):
+                continue
+            if tuple(e.size) != tuple(r.size):
+                raise PMAError(f"{other.label}: key {key} has shape {list(e.size)}, "
+                               f"{ref.label} has {list(r.size)}")
+            if e.properties.dtype != r.properties.dtype:
+                raise PMAError(f"{other.label}: key {key} has dtype {e.properties.dtype}, "
+                               f"{ref.label} has {r.properties.dtype}")
+            chunks_e = sorted((tuple(c.offsets), tuple(c.sizes)) for c in e.chunks)
+            chunks_r = sorted((tuple(c.offsets), tuple(c.sizes)) for c in r.chunks)
+            if chunks_e != chunks_r:
+                raise PMAError(f"{other.label}: key {key} is sharded differently "
+                               f"({len(chunks_e)} chunks vs {len(chunks_r)} in {ref.label}); "
+                               "merge checkpoints saved with the same parallel layout")
+    return sorted(ref_entries)
+
+
+def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: float = 0.2,
+               weights: Sequence[float] | None = None, normalize: bool = False,
+               optimizer: str = "drop", num_files: int | None = None) -> MergePlan:
+    if optimizer not in OPTIMIZER_MODES:
+        raise PMAError(f"--optimizer must be one of {', '.join(OPTIMIZER_MODES)}, got {optimizer!r}")
+    if not inputs:
+        raise PMAError("no input checkpoints given")
+    paths = [Path(p) for p in inputs]
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        real = p.resolve()
+        if real in seen:
+            raise PMAError(f"{p}: the same checkpoint is given twice")
+        seen[real] = p
+    loaded = sorted((load_input(p) for p in paths), key=lambda c: c.iteration)
+    for a, b in zip(loaded, loaded[1:]):
+        if a.iteration == b.iteration:
+            raise PMAError(f"{b.label}: duplicate iteration {b.iteration} (also {a.label})")
+    w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize)
+    kept = check_layout(loaded, optimizer)
+    newest = loaded[-1]
+    jobs: list[Job] = []
+    for key in kept:
+        entry = newest.metadata.state_dict_metadata[key]
+        if isinstance(entry, TensorStorageMetadata):
+            dtype = entry.properties.dtype
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            merge = _merge_key(key, optimizer, dtype) and len(loaded) > 1
+            for c in entry.chunks:
+                jobs.append(Job(key, tuple(c.offsets), tuple(c.sizes), dtype, merge,
+                                math.prod(c.sizes) * itemsize))
+        else:
+            jobs.append(Job(key, None, merge=False))
+    if num_files is None:
+        n_in = len({info.relative_path for info in newest.metadata.storage_data.values()})
+        num_files = max(n_in, 8)
+    num_files = max(1, min(num_files, len(jobs)))
+    return MergePlan(loaded, w, jobs, num_files, kept, method, optimizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+
+
+class _Reader:
+    """Per-process cache of open input files and located chunks."""
+
+    def __init__(self):
+        self._files: dict[str, object] = {}
+
+    def file(self, path: str):
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb", buffering=0)
+        return f
+
+    def storage(self, ckpt: InputCheckpoint, index: MetadataIndex):
+        info = ckpt.metadata.storage_data.get(index)
+        if info is None:  # older metadata may carry a chunk index; match on key + offsets
+            info = next((v for i, v in ckpt.metadata.storage_data.items()
+                         if i.fqn == index.fqn and tuple(i.offset or ()) == tuple(index.offset or ())), None)
+        if info is None:
+            raise PMAError(f"{ckpt.label}: no stored data for key {index.fqn} at {list(index.offset or [])}")
+        return str(ckpt.path / info.relative_path), info
+
+    def locate(self, ckpt: InputCheckpoint, job: Job) -> dcp.TensorLocation:
+        path, info = self.storage(ckpt, job.index)
+        loc = dcp.locate_tensor(self.file(path), path, info.offset, info.length)
+        if tuple(loc.shape) != tuple(job.shape) or loc.dtype != job.dtype:
+            raise PMAError(f"{path}: key {job.key} chunk holds {loc.dtype} {list(loc.shape)}, "
+                           f"metadata says {job.dtype} {list(job.shape)}")
+        return loc
+
+    def read_into(self, loc: dcp.TensorLocation, buf: torch.Tensor, first: int) -> None:
+        """Read elements [first, first + buf.numel()) of a located tensor into ``buf``."""
+        raw = buf.view(torch.uint8).numpy()
+        pos = loc.data_offset + first * buf.element_size()
+        f = self.file(loc.path)
+        got = os.preadv(f.fileno(), [raw], pos)
+        if got != raw.nbytes:
+            raise PMAError(f"{loc.path}: truncated data at byte {pos}")
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _merged_chunk(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: bool,
+                  acc: torch.Tensor) -> torch.Tensor:
+    """The output tensor for a tensor job, in the input dtype."""
+    sources = plan.inputs if job.merge else [plan.newest]
+    weights = plan.weights if job.merge else [1.0]
+    locs = []
+    for ckpt in sources:
+        loc = reader.locate(ckpt, job)
+        if not loc.contiguous:
+            loc = None
+        locs.append(loc)
+    numel = math.prod(job.shape)
+    out = torch.empty(numel, dtype=job.dtype)
+    if not job.merge:
+        _read_or_load(reader, plan.newest, job, locs[0], out, 0, numel)
+        return out.view(job.shape)
+    slab = SLAB_ELEMENTS
+    buf = torch.empty(min(slab, numel), dtype=job.dtype)
+    for first in range(0, numel, slab):
+        n = min(slab, numel - first)
+        a = acc[:n]
+        for i, (ckpt, loc, w) in enumerate(zip(sources, locs, weights)):
+            b = buf[:n]
+            _read_or_load(reader, ckpt, job, loc, b, first, n)
+            if i == 0:
+                a.copy_(b)
+                a.mul_(w)
+            else:
+                a.add_(b, alpha=w)
+        if not allow_nonfinite and not bool(torch.isfinite(a).all()):
+            _raise_nonfinite(plan, job, reader, locs, buf, first, n)
+        out[first:first + n].copy_(a)
+    return out.view(job.shape)
+
+
+def _read_or_load(reader, ckpt, job, loc, buf, first, n):
+    if loc is not None:
+        reader.read_into(loc, buf[:n], first)
+    else:  # strided storage inside the blob: rare; fall back to torch.load
+        path, info = reader.storage(ckpt, job.index)
+        full = dcp.load_blob_tensor(path, info.offset, info.length).reshape(-1)
+        buf[:n].copy_(full[first:first + n])
+
+
+def _raise_nonfinite(plan, job, reader, locs, buf, first, n):
+    for ckpt, loc in zip(plan.inputs, locs):
+        _read_or_load(reader, ckpt, job, loc, buf, first, n)
+        if not bool(torch.isfinite(buf[:n]).all()):
+            raise PMAError(f"{ckpt.label}: key {job.key} holds NaN/Inf (pass --allow-nonfinite to merge anyway)")
+    raise PMAError(f"key {job.key}: merged values overflow to Inf")
+
+
+def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader,
+                allow_nonfinite: bool, progress) -> dict[MetadataIndex, _StorageInfo]:
+    storage: dict[MetadataIndex, _StorageInfo] = {}
+    largest = max((math.prod(j.shape) for j in jobs if j.merge and j.offsets is not None), default=0)
+    acc = torch.empty(min(SLAB_ELEMENTS, largest), dtype=torch.float32) if largest else None
+    try:
+        with open(path, "wb") as f:
+            for job in jobs:
+                start = f.tell()
+                if job.offsets is None:
+                    src_path, info = reader.storage(plan.newest, job.index)
+                    f.write(dcp.read_bytes(src_path, info.offset, info.length))
+                else:
+                    torch.save(_merged_chunk(plan, job, reader, allow_nonfinite, acc), f)
+                storage[job.index] = _StorageInfo(path.name, start, f.tell() - start)
+                progress(job.nbytes)
+    except OSError as e:
+        raise PMAError(f"{path}: write failed ({os.strerror(e.errno) if e.errno else e})") from None
+    return storage
+
+
+def _write_metadata(plan: MergePlan, stage: Path, storage: dict) -> None:
+    src = plan.newest.metadata
+    kept = set(plan.kept_keys)
+    state_md = {k: v for k, v in src.state_dict_metadata.items() if k in kept}
+    planner_data = src.planner_data
+    if isinstance(planner_data, dict):
+        planner_data = {k: v for k, v in planner_data.items() if k in kept}
+    ordered = {}
+    for job in sorted(plan.jobs, key=lambda j: (j.key, j.offsets or ())):
+        ordered[job.index] = storage[job.index]
+    md = Metadata(state_dict_metadata=state_md, planner_data=planner_data, storage_data=ordered,
+                  storage_meta=None, version=getattr(src, "version", None))
+    mcore_data = getattr(src, "mcore_data", None)
+    if mcore_data is not None:  # keep what old megatron readers look for, as a plain attribute
+        md.mcore_data = {k: v for k, v in mcore_data.items() if k in kept} if isinstance(mcore_data, dict) else mcore_data
+    import pickle
+
+    with open(stage / dcp.METADATA_FILE, "wb") as f:
+        pickle.dump(md, f)
+
+
+def _copy_common_files(newest: Path, stage: Path) -> None:
+    for entry in os.scandir(newest):
+        name = entry.name
+        if name in _REGENERATED or name.endswith(".distcp") or name.startswith("."):
+            continue
+        target = stage / name
+        if entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, target, symlinks=True)
+        else:
+            shutil.copy2(entry.path, target, follow_symlinks=False)
+
+
+def _provenance(plan: MergePlan, alpha: float, output: Path, world: int, seconds: float) -> dict:
+    return {
+        "tool": "megatron-pma",
+        "version": __version__,
+        "method": plan.method,
+        "alpha": alpha if plan.method == "ema" else None,
+        "optimizer": plan.optimizer,
+        "inputs": [{"path": str(c.path.resolve()), "iteration": c.iteration, "weight": w}
+                   for c, w in zip(plan.inputs, plan.weights)],
+        "iteration": plan.newest.iteration,
+        "output": str(output),
+        "keys": len(plan.kept_keys),
+        "chunks": len(plan.jobs),
+        "processes": world,
+        "seconds": round(seconds, 3),
+        "host": socket.gethostname(),
+        "created_unix": round(time.time(), 3),
+    }
+
+
+def _make_progress(enabled: bool, total: int):
+    if not enabled:
+        return lambda n: None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
+               dynamic_ncols=True, leave=False)
+    return bar.update, bar.close
+
+
+def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, method: str = "sma",
+                      alpha: float = 0.2, weights: Sequence[float] | None = None,
+                      normalize: bool = False, optimizer: str = "drop", force: bool = False,
+                      allow_nonfinite: bool = False, update_tracker: bool | None = None,
+                      progress: bool = True, fsync: bool = True,
+                      num_files: int | None = None) -> MergeResult:
+    """Average Megatron ``torch_dist`` checkpoints of one run into a new checkpoint.
+
+    Inputs are sorted oldest -> newest by iteration; ``method`` picks the weights (see
+    :mod:`megatron_pma.schedules`). ``optimizer``: ``drop`` writes model state only (resume with
+    ``--no-load-optim`` / ``--finetune``); ``average`` averages fp32 master params and Adam
+    moments; ``keep-last-moments`` averages the fp32 master params and keeps the newest moments.
+    The fp32 master params are always merged when kept: they overwrite the model weights on
+    resume, so keeping another checkpoint's copy would silently undo the merge.
+
+    ``output`` is published atomically; if its name is ``iter_XXXXXXX`` its parent is treated
+    as a save dir whose tracker is written last (``update_tracker=None``: only when that does
+    not move the tracker backwards). Raises :class:`PMAError` on bad input, before any output
+    exists where the problem is detectable up front. Under ``torchrun``/``srun`` (or an
+    initialised process group) the work is split over ranks; every rank gets the result.
+    """
+    t0 = time.perf_counter()
+    output = Path(output)
+    group = Group.from_env()
+    try:
+        return _merge(inputs, output, group, t0, method=method, alpha=alpha, weights=weights,
+                      normalize=normalize, optimizer=optimizer, force=force,
+                      allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,
+                      progress=progress and group.rank == 0, fsync=fsync, num_files=num_files)
+    finally:
+        group.close()
+
+
+def _check_output(output: Path, plan: MergePlan, force: bool) -> None:
+    real = output.resolve()
+    for c in plan.inputs:
+        src = c.path.resolve()
+        if real == src or src in real.parents:
+            raise PMAError(f"{output}: output would overwrite or nest inside input {c.label}")
+        if real in src.parents:
+            raise PMAError(f"{output}: output would replace a folder holding input {c.label}")
+    if output.exists() and not force:
+        raise PMAError(f"{output}: already exists (use --force to replace it)")
+    if not output.parent.exists():
+        raise PMAError(f"{output.parent}: output's parent directory does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise PMAError(f"{output.parent}: permission denied (cannot write the output)")
+
+
+def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, optimizer, force,
+           allow_nonfinite, update_tracker, progress, fsync, num_files) -> MergeResult:
+    plan = plan_merge(inputs, method=method, alpha=alpha, weights=weights, normalize=normalize,
+                      optimizer=optimizer, num_files=num_files)
+    _check_output(output, plan, force)
+    stage = publish.staging_dir(output)
+    error = None
+    if group.rank == 0:
+        try:
+            publish.prepare_staging(output)
+        except OSError as e:
+            error = f"{output.parent}: cannot create the staging folder ({e.strerror})"
+    error = group.first_error(error)
+    if error:
+        raise PMAError(error)
+
+    files = plan.files()
+    mine = [b for b in range(len(files)) if b % group.world == group.rank]
+    my_bytes = sum(j.nbytes for b in mine for j in files[b])
+    update, close_bar = _make_progress(progress, my_bytes)
+    reader = _Reader()
+    storage: dict = {}
+    error = None
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_world(group))))
+        for b in mine:
+            storage.update(_write_file(plan, files[b], stage / f"__{b}_0.distcp", reader,
+                                       allow_nonfinite, update))
+    except PMAError as e:
+        error = str(e)
+    except Exception as e:  # keep ranks in step: report, then fail everywhere
+        error = f"rank {group.rank}: {type(e).__name__}: {e}"
+    finally:
+        reader.close()
+        close_bar()
+    error = group.first_error(error)
+    all_storage = group.gather_dicts(storage) if not error else None
+    if group.rank == 0:
+        try:
+            if error is None:
+                _write_metadata(plan, stage, all_storage)
+                _copy_common_files(plan.newest.path, stage)
+                seconds = time.perf_counter() - t0
+                publish.write_json(stage / PROVENANCE_FILE,
+                                   _provenance(plan, alpha, output, group.world, seconds))
+                publish.publish(stage, output, replace=force, fsync=fsync)
+                _maybe_update_tracker(output, plan.newest.iteration, update_tracker, fsync)
+        except PMAError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"{output}: cannot publish ({e.strerror or e})"
+        finally:
+            if error is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+    error = group.first_error(error)
+    if error:
+        raise PMAError(error)
+    return MergeResult(output, [c.iteration for c in plan.inputs], plan.weights,
+                       time.perf_counter() - t0, sum(j.nbytes for j in plan.jobs),
+                       len(plan.kept_keys), [c.path for c in plan.inputs])
+
+
+def _local_world(group: Group) -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", group.world)) or 1)
+
+
+def _maybe_update_tracker(output: Path, iteration: int, update_tracker: bool | None, fsync: bool) -> None:
+    if update_tracker is False or not ITER_DIR.match(output.name):
+        return
+    current = read_tracker(output.parent)
+    if update_tracker is None and isinstance(current, int) and current > iteration:
+        return  # never move a save dir's tracker backwards unless asked
+    publish.write_tracker(output.parent, iteration_from_name(output), fsync=fsync)
