@@ -202,36 +202,47 @@ def _describe(entry) -> str:
 
 
 def check_layout(inputs: Sequence[InputCheckpoint], optimizer: str) -> list[str]:
-    """Same keys, global shapes, dtypes and chunk layout in every input; returns the kept keys."""
+    """Same keys, global shapes, dtypes and chunk layout in every input; returns the kept keys.
+
+    Tensors are compared before byte objects: a different parallel layout then reads as
+    "sharded differently" rather than as a missing ``rng_state/shard_...`` object.
+    """
     ref = inputs[-1]
-    ref_entries = {k: v for k, v in ref.metadata.state_dict_metadata.items() if _keep_key(k, optimizer)}
-    for other in inputs[:-1]:
-        entries = {k: v for k, v in other.metadata.state_dict_metadata.items() if _keep_key(k, optimizer)}
-        missing = sorted(set(ref_entries) - set(entries))
-        if missing:
-            raise PMAError(f"{other.label}: missing key {missing[0]} (present in {ref.label})")
-        extra = sorted(set(entries) - set(ref_entries))
-        if extra:
-            raise PMAError(f"{other.label}: key {extra[0]} is not in {ref.label}")
-        for key, r in ref_entries.items():
-            e = entries[key]
-            if type(e) is not type(r):
-                raise PMAError(f"{other.label}: key {key} is {_describe(e)}, {ref.label} has {_describe(r)}")
-            if not isinstance(r, TensorStorageMetadata):
-                continue
-            if tuple(e.size) != tuple(r.size):
-                raise PMAError(f"{other.label}: key {key} has shape {list(e.size)}, "
-                               f"{ref.label} has {list(r.size)}")
-            if e.properties.dtype != r.properties.dtype:
-                raise PMAError(f"{other.label}: key {key} has dtype {e.properties.dtype}, "
-                               f"{ref.label} has {r.properties.dtype}")
-            chunks_e = sorted((tuple(c.offsets), tuple(c.sizes)) for c in e.chunks)
-            chunks_r = sorted((tuple(c.offsets), tuple(c.sizes)) for c in r.chunks)
-            if chunks_e != chunks_r:
-                raise PMAError(f"{other.label}: key {key} is sharded differently "
-                               f"({len(chunks_e)} chunks vs {len(chunks_r)} in {ref.label}); "
-                               "merge checkpoints saved with the same parallel layout")
+
+    def entries(c):
+        return {k: v for k, v in c.metadata.state_dict_metadata.items() if _keep_key(k, optimizer)}
+
+    ref_entries = entries(ref)
+    for tensors_only in (True, False):
+        for other in inputs[:-1]:
+            mine = entries(other)
+            r_keys = {k for k, v in ref_entries.items() if isinstance(v, TensorStorageMetadata) or not tensors_only}
+            o_keys = {k for k, v in mine.items() if isinstance(v, TensorStorageMetadata) or not tensors_only}
+            hint = "" if tensors_only else " (saved with a different parallel layout?)"
+            if r_keys - o_keys:
+                raise PMAError(f"{other.label}: missing key {min(r_keys - o_keys)} (present in {ref.label}){hint}")
+            if o_keys - r_keys:
+                raise PMAError(f"{other.label}: key {min(o_keys - r_keys)} is not in {ref.label}{hint}")
+            for key in sorted(r_keys):
+                _compare_entry(key, other, mine[key], ref, ref_entries[key])
     return sorted(ref_entries)
+
+
+def _compare_entry(key, other, e, ref, r) -> None:
+    if type(e) is not type(r):
+        raise PMAError(f"{other.label}: key {key} is {_describe(e)}, {ref.label} has {_describe(r)}")
+    if not isinstance(r, TensorStorageMetadata):
+        return
+    if tuple(e.size) != tuple(r.size):
+        raise PMAError(f"{other.label}: key {key} has shape {list(e.size)}, {ref.label} has {list(r.size)}")
+    if e.properties.dtype != r.properties.dtype:
+        raise PMAError(f"{other.label}: key {key} has dtype {e.properties.dtype}, "
+                       f"{ref.label} has {r.properties.dtype}")
+    chunks_e = sorted((tuple(c.offsets), tuple(c.sizes)) for c in e.chunks)
+    chunks_r = sorted((tuple(c.offsets), tuple(c.sizes)) for c in r.chunks)
+    if chunks_e != chunks_r:
+        raise PMAError(f"{other.label}: key {key} is sharded differently ({len(chunks_e)} chunks vs "
+                       f"{len(chunks_r)} in {ref.label}); merge checkpoints saved with the same parallel layout")
 
 
 def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: float = 0.2,
@@ -387,12 +398,24 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader,
                     src_path, info = reader.storage(plan.newest, job.index)
                     f.write(dcp.read_bytes(src_path, info.offset, info.length))
                 else:
-                    torch.save(_merged_chunk(plan, job, reader, allow_nonfinite, acc), f)
+                    tensor = _merged_chunk(plan, job, reader, allow_nonfinite, acc)
+                    try:
+                        torch.save(tensor, f)
+                    except RuntimeError as e:  # torch's zip writer hides the OSError
+                        _reraise_os_error(f)
+                        raise PMAError(f"{path}: write failed ({e})") from None
                 storage[job.index] = _StorageInfo(path.name, start, f.tell() - start)
                 progress(job.nbytes)
     except OSError as e:
         raise PMAError(f"{path}: write failed ({os.strerror(e.errno) if e.errno else e})") from None
     return storage
+
+
+def _reraise_os_error(f) -> None:
+    """Surface the real OS error (ENOSPC, EFBIG, EIO) behind a failed torch.save."""
+    f.write(b"\0")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _write_metadata(plan: MergePlan, stage: Path, storage: dict) -> None:

@@ -1,0 +1,170 @@
+"""Bad input: one line on stderr naming the file or key, a non-zero exit, no output (not even a
+staging folder), and every input byte-identical afterwards."""
+
+import os
+import resource
+import signal
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckpt_factory
+from helpers import cli, tree_digest
+from megatron_pma.checkpoint import dcp
+
+
+@pytest.fixture
+def save(run_tp2, tmp_path):
+    """A private copy of a real TP=2 run (3 checkpoints) that a case may damage."""
+    return ckpt_factory.copy_run(run_tp2, tmp_path / "save")
+
+
+def _nan_into(ckpt: Path, key: str):
+    md = dcp.read_metadata(ckpt)
+    idx, info = next((i, v) for i, v in md.storage_data.items() if i.fqn == key)
+    path = str(ckpt / info.relative_path)
+    with open(path, "rb") as f:
+        loc = dcp.locate_tensor(f, path, info.offset, info.length)
+    with open(path, "r+b") as f:
+        f.seek(loc.data_offset)
+        f.write(torch.tensor([float("nan")], dtype=loc.dtype).view(torch.uint8).numpy().tobytes())
+
+
+def _case_missing_path(save, tmp):
+    return [tmp / "nope" / "iter_0000010", *save[1:]], "no such checkpoint"
+
+
+def _case_no_metadata_json(save, tmp):
+    (save[0] / "metadata.json").unlink()
+    return save, "metadata.json"
+
+
+def _case_no_dcp_metadata(save, tmp):
+    (save[1] / ".metadata").unlink()
+    return save, ".metadata"
+
+
+def _case_truncated_distcp(save, tmp):
+    f = sorted(save[1].glob("*.distcp"))[0]
+    os.truncate(f, f.stat().st_size // 2)
+    return save, "truncated"
+
+
+def _case_corrupt_pickle(save, tmp):
+    (save[2] / ".metadata").write_bytes(b"\x80\x04garbage")
+    return save, "unreadable DCP metadata"
+
+
+def _case_shape_mismatch(save, tmp):
+    other = ckpt_factory.cached_run("tp2_l2", tp=2, num_layers=2, iterations=(40,))
+    return [*save, other[0]], "shape"
+
+
+def _case_dtype_mismatch(save, tmp):
+    other = ckpt_factory.cached_run("tp2_bf16", tp=2, dtype="bf16", iterations=(40,))
+    return [*save, other[0]], "dtype"
+
+
+def _case_layout_mismatch(save, tmp):
+    other = ckpt_factory.cached_run("tp1", tp=1, iterations=(40,))
+    return [*save, other[0]], "sharded differently"
+
+
+def _case_key_missing(save, tmp):
+    other = ckpt_factory.cached_run("tp2_optim", tp=2, optimizer="model", iterations=(40,))
+    return [*save, other[0], "--optimizer", "average"], "missing key optimizer."
+
+
+def _case_nan(save, tmp):
+    _nan_into(save[1], "decoder.layers.mlp.linear_fc1.weight")
+    return save, "NaN/Inf"
+
+
+def _case_same_checkpoint_twice(save, tmp):
+    return [save[0], save[1], Path(str(save[1]) + "/")], "given twice"
+
+
+def _case_duplicate_iteration(save, tmp):
+    copy = tmp / "copy_of_20"
+    shutil.copytree(save[1], copy / "iter_0000020")
+    return [save[0], save[1], copy / "iter_0000020"], "duplicate iteration 20"
+
+
+def _case_bad_weights(save, tmp):
+    return [*save, "--method", "custom", "--weights", "0.5,0.4,0.3"], "sum to 1.2"
+
+
+def _case_output_exists(save, tmp):
+    return save, "already exists"
+
+
+def _case_not_a_directory(save, tmp):
+    f = tmp / "file.txt"
+    f.write_text("x")
+    return [*save, f], "not a directory"
+
+
+def _case_empty_dir(save, tmp):
+    (tmp / "empty").mkdir()
+    return [*save, tmp / "empty"], "metadata.json"
+
+
+CASES = {name[len("_case_"):]: fn for name, fn in globals().items() if name.startswith("_case_")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(case, save, tmp_path):
+    args, message = CASES[case](save, tmp_path)
+    out = tmp_path / "out" / "merged"
+    out.parent.mkdir()
+    if case == "output_exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("precious")
+    before = tree_digest(tmp_path / "save")
+    r = cli("merge", *args, "--output", out, "--quiet")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert tree_digest(tmp_path / "save") == before
+    if case == "output_exists":
+        assert (out / "keep.txt").read_text() == "precious"
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == (["merged"] if case == "output_exists" else [])
+
+
+def test_nonfinite_allowed_on_request(save, tmp_path):
+    _nan_into(save[1], "decoder.layers.mlp.linear_fc1.weight")
+    r = cli("merge", *save, "--output", tmp_path / "m", "--quiet", "--allow-nonfinite")
+    assert r.returncode == 0, r.stderr
+
+
+def test_force_replaces_output_and_never_touches_inputs(save, tmp_path):
+    out = tmp_path / "m"
+    assert cli("merge", *save, "--output", out, "--quiet").returncode == 0
+    before = tree_digest(tmp_path / "save")
+    r = cli("merge", *save, "--output", out, "--quiet", "--force", "--method", "wma")
+    assert r.returncode == 0, r.stderr
+    assert '"method": "wma"' in (out / "pma_provenance.json").read_text()
+    assert tree_digest(tmp_path / "save") == before
+    r = cli("merge", *save, "--output", save[2], "--quiet", "--force")
+    assert r.returncode == 2 and "overwrite or nest inside input" in r.stderr
+    assert tree_digest(tmp_path / "save") == before
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+def test_disk_full_mid_write(save, tmp_path):
+    before = tree_digest(tmp_path / "save")
+    out = tmp_path / "out" / "iter_0000030"
+    out.parent.mkdir()
+    r = cli("merge", *save, "--output", out, "--quiet", preexec_fn=_limit_file_size)
+    assert r.returncode == 2, r.stderr
+    assert "write failed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(out.parent.iterdir()) == []  # no output, no staging dir, no tracker
+    assert tree_digest(tmp_path / "save") == before
