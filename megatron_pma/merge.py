@@ -334,38 +334,58 @@ class _Reader:
 
 
 def _merged_chunk(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: bool,
-                  acc: torch.Tensor) -> torch.Tensor:
-    """The output tensor for a tensor job, in the input dtype."""
+                  scratch: "_Scratch") -> torch.Tensor:
+    """The output tensor for a tensor job, in the input dtype.
+
+    Slab by slab: the first input is read straight into the fp32 accumulator (for fp32 chunks
+    the accumulator *is* the output slice), every further input is read into one reusable
+    buffer and added with its weight. Finiteness is checked through the slab's sum (one
+    reduction, no bool tensor); only a non-finite sum triggers the exact per-input search.
+    """
     sources = plan.inputs if job.merge else [plan.newest]
-    weights = plan.weights if job.merge else [1.0]
     locs = []
     for ckpt in sources:
         loc = reader.locate(ckpt, job)
-        if not loc.contiguous:
-            loc = None
-        locs.append(loc)
+        locs.append(loc if loc.contiguous else None)
     numel = math.prod(job.shape)
     out = torch.empty(numel, dtype=job.dtype)
     if not job.merge:
         _read_or_load(reader, plan.newest, job, locs[0], out, 0, numel)
         return out.view(job.shape)
-    slab = SLAB_ELEMENTS
-    buf = torch.empty(min(slab, numel), dtype=job.dtype)
-    for first in range(0, numel, slab):
-        n = min(slab, numel - first)
-        a = acc[:n]
-        for i, (ckpt, loc, w) in enumerate(zip(sources, locs, weights)):
-            b = buf[:n]
+    fp32 = job.dtype == torch.float32
+    for first in range(0, numel, SLAB_ELEMENTS):
+        n = min(SLAB_ELEMENTS, numel - first)
+        a = out[first:first + n] if fp32 else scratch.get(torch.float32, n, "acc")
+        b = scratch.get(job.dtype, n, "buf")
+        for i, (ckpt, loc, w) in enumerate(zip(sources, locs, plan.weights)):
+            if i == 0 and fp32:
+                _read_or_load(reader, ckpt, job, loc, a, first, n)
+                a.mul_(w)
+                continue
             _read_or_load(reader, ckpt, job, loc, b, first, n)
             if i == 0:
                 a.copy_(b)
                 a.mul_(w)
             else:
                 a.add_(b, alpha=w)
-        if not allow_nonfinite and not bool(torch.isfinite(a).all()):
-            _raise_nonfinite(plan, job, reader, locs, buf, first, n)
-        out[first:first + n].copy_(a)
+        if not allow_nonfinite and not math.isfinite(float(a.sum())) and not bool(torch.isfinite(a).all()):
+            _raise_nonfinite(plan, job, reader, locs, b, first, n)
+        if not fp32:
+            out[first:first + n].copy_(a)
     return out.view(job.shape)
+
+
+class _Scratch:
+    """Reusable slab buffers (fresh big allocations cost a page fault per 4 KiB)."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, dtype: torch.dtype, n: int, role: str) -> torch.Tensor:
+        buf = self._bufs.get((dtype, role))
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[(dtype, role)] = torch.empty(max(n, 1 << 16), dtype=dtype)
+        return buf[:n]
 
 
 def _read_or_load(reader, ckpt, job, loc, buf, first, n):
@@ -388,8 +408,7 @@ def _raise_nonfinite(plan, job, reader, locs, buf, first, n):
 def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader,
                 allow_nonfinite: bool, progress) -> dict[MetadataIndex, _StorageInfo]:
     storage: dict[MetadataIndex, _StorageInfo] = {}
-    largest = max((math.prod(j.shape) for j in jobs if j.merge and j.offsets is not None), default=0)
-    acc = torch.empty(min(SLAB_ELEMENTS, largest), dtype=torch.float32) if largest else None
+    scratch = _Scratch()
     try:
         with open(path, "wb") as f:
             for job in jobs:
@@ -398,7 +417,7 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader,
                     src_path, info = reader.storage(plan.newest, job.index)
                     f.write(dcp.read_bytes(src_path, info.offset, info.length))
                 else:
-                    tensor = _merged_chunk(plan, job, reader, allow_nonfinite, acc)
+                    tensor = _merged_chunk(plan, job, reader, allow_nonfinite, scratch)
                     try:
                         torch.save(tensor, f)
                     except RuntimeError as e:  # torch's zip writer hides the OSError
