@@ -1,0 +1,360 @@
+"""`megatron-pma watch`: a sidecar that merges the latest window whenever a checkpoint lands.
+
+    megatron-pma watch --save-dir SAVE --num-models N [--method ema --alpha 0.2]
+                       [--interval-iters K | --interval-tokens T] [--output-root DIR]
+                       [--poll-interval S] [--once] [--backfill]
+
+Runs beside a training job (another process, another node, a cron job with ``--once``) and
+needs nothing from it but the save dir. Every ``--poll-interval`` seconds it looks at SAVE:
+
+- A checkpoint counts once it is *final*: its ``metadata.json`` exists and the tracker
+  (``latest_checkpointed_iteration.txt``) has reached its iteration. A save in flight, or one
+  newer than the tracker, is left for a later poll. Without a tracker nothing is final
+  (``--ignore-tracker`` takes every checkpoint with a metadata.json, for copied save dirs).
+- The newest final checkpoint ends the window: the ``--num-models`` newest final checkpoints up
+  to it (spaced by the interval, if given) are merged into ``<output-root>/iter_XXXXXXX``
+  (default output root ``SAVE/pma``; its tracker follows the newest merge). Saves that land
+  while a merge runs are coalesced: the next poll merges the newest window only
+  (``--backfill`` merges every window that has no output yet, oldest first).
+- Idempotent: a window whose output already exists is never merged again, so a restarted
+  watcher picks up where it left off. A merge that fails is logged and not retried by this
+  process.
+- One line per merge on stderr.
+
+Each merge runs in a child process (its own session, niced). On SIGTERM or SIGINT the watcher
+stops polling; a merge in flight is terminated, its staging folder removed (the engine
+publishes by rename, so a killed merge never leaves a visible output), and the watcher exits
+with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+PREFIX = "megatron-pma watch"
+_RESULT = "PMA_WATCH_RESULT "
+# Environment of a distributed launcher: the merge child must not think it is one rank of many.
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+def log(msg: str) -> None:
+    print(f"[{PREFIX}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from megatron_pma.cli_common import add_schedule_arguments
+
+    parser.add_argument("--save-dir", required=True, help="the training run's --save directory")
+    parser.add_argument("--output-root", default=None,
+                        help="where merges go, one iter_XXXXXXX each (default SAVE_DIR/pma)")
+    parser.add_argument("--poll-interval", type=float, default=30.0,
+                        help="seconds between looks at the save dir (default 30)")
+    parser.add_argument("--once", action="store_true",
+                        help="look once, merge if there is something new, and exit")
+    parser.add_argument("--backfill", action="store_true",
+                        help="merge every window without an output (default: only the newest)")
+    parser.add_argument("--ignore-tracker", action="store_true",
+                        help="treat every checkpoint with a metadata.json as final (for save dirs without a tracker)")
+    parser.add_argument("--nice", type=int, default=10, help="niceness of the merge process (default 10)")
+    add_schedule_arguments(parser)
+
+
+# --------------------------------------------------------------------------------------------
+# What to merge
+# --------------------------------------------------------------------------------------------
+
+
+def output_for(output_root: Path, iteration: int) -> Path:
+    return Path(output_root) / f"iter_{iteration:07d}"
+
+
+def merged(output_root: Path, iteration: int) -> bool:
+    """The output of the window ending at ``iteration`` exists (published => complete)."""
+    out = output_for(output_root, iteration)
+    return out.is_dir() and (out / "metadata.json").is_file()
+
+
+def final_checkpoints(save_dir: Path, ignore_tracker: bool) -> list[tuple[int, Path]]:
+    """Final checkpoints of the save dir, oldest first (see the module docstring)."""
+    from megatron_pma.checkpoint import discovery
+
+    if not save_dir.is_dir():
+        return []
+    if ignore_tracker:
+        return discovery.list_checkpoints(save_dir, up_to_tracker=False)
+    tracker = discovery.read_tracker(save_dir)
+    if tracker is None:
+        return []
+    # list_checkpoints drops those newer than an integer tracker; "release" is not an iteration.
+    return discovery.list_checkpoints(save_dir, up_to_tracker=True)
+
+
+def plan_window(save_dir: Path, end: int, wkw: dict, ignore_tracker: bool) -> list[Path]:
+    """The window ending at checkpoint ``end`` (raises PMAError when it cannot be formed)."""
+    from megatron_pma.checkpoint import discovery
+    from megatron_pma.errors import PMAError
+
+    window = discovery.select_window(save_dir, up_to_iteration=end, **wkw)
+    if not window or discovery.iteration_from_name(Path(window[-1])) != end:
+        raise PMAError(f"no window of {wkw.get('num_models')} checkpoints ends at iteration {end}")
+    return [Path(p) for p in window]
+
+
+# --------------------------------------------------------------------------------------------
+# The merge child
+# --------------------------------------------------------------------------------------------
+
+
+def _child_main(request_json: str) -> int:
+    """Run one merge (in the child process) and print its result as one JSON line."""
+    req = json.loads(request_json)
+    try:
+        os.nice(int(req.get("nice", 0)))
+    except (OSError, AttributeError):
+        pass
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except Exception:
+        pass
+    from megatron_pma.errors import PMAError
+    from megatron_pma.merge import merge_checkpoints
+
+    try:
+        res = merge_checkpoints(req["inputs"], req["output"], progress=False, **req["kwargs"])
+    except PMAError as e:
+        print(_RESULT + json.dumps({"error": str(e).splitlines()[0] if str(e) else "PMAError"}),
+              flush=True)
+        return 2
+    print(_RESULT + json.dumps({"output": str(res.output), "iterations": list(res.iterations),
+                                "weights": [float(w) for w in res.weights],
+                                "seconds": float(res.seconds)}), flush=True)
+    return 0
+
+
+class Watcher:
+    def __init__(self, save_dir, output_root=None, *, window_kwargs: dict, schedule_kwargs: dict,
+                 poll_interval: float = 30.0, backfill: bool = False, ignore_tracker: bool = False,
+                 nice: int = 10, python: str = sys.executable):
+        self.save_dir = Path(save_dir)
+        self.output_root = Path(output_root) if output_root else self.save_dir / "pma"
+        self.wkw = dict(window_kwargs)
+        self.skw = dict(schedule_kwargs)
+        self.poll_interval = poll_interval
+        self.backfill = backfill
+        self.ignore_tracker = ignore_tracker
+        self.nice = nice
+        self.python = python
+        self.stop = threading.Event()
+        self.failed: dict[int, str] = {}  # end iteration -> error (not retried)
+        self.merges: list[dict] = []
+        self._said: set = set()  # one-time log lines already printed
+
+    # -- logging once ------------------------------------------------------------------------
+    def _once(self, key, msg: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log(msg)
+
+    # -- one poll ----------------------------------------------------------------------------
+    def pending(self) -> list[int]:
+        """End iterations to merge now, oldest first."""
+        ckpts = final_checkpoints(self.save_dir, self.ignore_tracker)
+        if not self.save_dir.is_dir():
+            self._once("nodir", f"waiting for {self.save_dir} to appear")
+            return []
+        if not ckpts:
+            self._once(("none",), f"waiting for a final checkpoint in {self.save_dir}")
+            return []
+        ends = [it for it, _ in ckpts]
+        if not self.backfill:
+            ends = ends[-1:]
+        return [it for it in ends if not merged(self.output_root, it) and it not in self.failed]
+
+    def poll(self) -> int:
+        """Merge what is pending; returns the number of failed merges."""
+        from megatron_pma.errors import PMAError
+
+        failures = 0
+        try:
+            ends = self.pending()
+        except PMAError as e:  # e.g. a garbled tracker: wait for the next save to rewrite it
+            self._once(("bad", str(e)), f"cannot read {self.save_dir} yet: {e}")
+            return 0
+        for end in ends:
+            if self.stop.is_set():
+                break
+            try:
+                window = plan_window(self.save_dir, end, self.wkw, self.ignore_tracker)
+            except PMAError as e:
+                # Usually: fewer than N checkpoints so far. Say it once per end iteration.
+                self._once(("win", end), f"iteration {end}: no merge: {e}")
+                continue
+            failures += 0 if self.merge(end, window) else 1
+        return failures
+
+    # -- one merge ---------------------------------------------------------------------------
+    def merge(self, end: int, window: list[Path]) -> bool:
+        out = output_for(self.output_root, end)
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        req = {"inputs": [str(p) for p in window], "output": str(out), "nice": self.nice,
+               "kwargs": self.skw}
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            [self.python, "-m", "megatron_pma.training.watch", "--merge-child", json.dumps(req)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            env=env, start_new_session=True)  # Ctrl-C reaches only us; we stop the child
+        # Read both pipes in threads so a chatty child never blocks on a full pipe.
+        outs: dict[str, str] = {}
+        readers = [threading.Thread(target=lambda n=n, f=f: outs.__setitem__(n, f.read()), daemon=True)
+                   for n, f in (("out", proc.stdout), ("err", proc.stderr))]
+        for r in readers:
+            r.start()
+        while proc.poll() is None:
+            if self.stop.wait(0.1):
+                self._abort(proc, out)
+                return True  # not a failure: we were asked to stop
+        for r in readers:
+            r.join()
+        seconds = time.monotonic() - t0
+        result = None
+        for line in outs.get("out", "").splitlines():
+            if line.startswith(_RESULT):
+                result = json.loads(line[len(_RESULT):])
+        if proc.returncode == 0 and result and "output" in result:
+            its = ",".join(str(i) for i in result["iterations"])
+            ws = ",".join(f"{w:.4g}" for w in result["weights"])
+            log(f"merged iteration {end}: {self.skw.get('method', 'sma')} of [{its}] "
+                f"weights [{ws}] -> {result['output']} ({seconds:.1f} s)")
+            self.merges.append(dict(result, end=end))
+            return True
+        if result and "error" in result:
+            err = result["error"]
+        else:
+            tail = [l for l in outs.get("err", "").strip().splitlines() if l.strip()]
+            err = tail[-1] if tail else f"merge process exited with status {proc.returncode}"
+        self.failed[end] = err
+        _cleanup_staging(out, proc.pid)
+        log(f"merge for iteration {end} FAILED (not retried): {err}")
+        return False
+
+    def _abort(self, proc: subprocess.Popen, out: Path) -> None:
+        """Stop the merge in flight and remove what it staged."""
+        log(f"stopping: terminating the merge for {out.name}")
+        for sig in (signal.SIGTERM, signal.SIGCONT):  # CONT: a stopped child must see TERM
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        _cleanup_staging(out, proc.pid)
+        if merged(out.parent, int(out.name[5:])):
+            # Killed after its atomic rename: the output is whole; finish the tracker update.
+            _advance_tracker(out.parent, int(out.name[5:]))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, once: bool = False) -> int:
+        log(f"watching {self.save_dir} -> {self.output_root} (N={self.wkw.get('num_models')}, "
+            f"{self.skw.get('method', 'sma')}, every {self.poll_interval:g} s)"
+            if not once else f"checking {self.save_dir} once -> {self.output_root}")
+        failures = 0
+        while not self.stop.is_set():
+            failures += self.poll()
+            if once:
+                break
+            self.stop.wait(self.poll_interval)
+        if self.stop.is_set():
+            log("stopped")
+            return 0
+        return 1 if failures else 0
+
+
+def _advance_tracker(root: Path, iteration: int) -> None:
+    from megatron_pma.checkpoint import discovery, publish
+
+    try:
+        cur = discovery.read_tracker(root)
+    except Exception:
+        cur = None
+    if not isinstance(cur, int) or cur < iteration:
+        publish.write_tracker(root, iteration)
+
+
+def _cleanup_staging(out: Path, child_pid: int) -> None:
+    """Remove what a merge into ``out`` left behind when it was killed: the engine's hidden
+    staging / retired folders beside ``out`` and a half-written tracker temp file."""
+    try:
+        from megatron_pma.checkpoint.publish import RETIRED_SUFFIX, STAGING_SUFFIX
+    except ImportError:  # pragma: no cover
+        STAGING_SUFFIX, RETIRED_SUFFIX = ".pma-staging", ".pma-retired"
+    for suffix in (STAGING_SUFFIX, RETIRED_SUFFIX):
+        p = out.parent / f".{out.name}{suffix}"
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+    tmp = out.parent / f".latest_checkpointed_iteration.txt.tmp-{child_pid}"
+    if tmp.exists():
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_pma.cli_common import schedule_kwargs, window_kwargs
+    from megatron_pma.errors import PMAError
+
+    if args.poll_interval <= 0:
+        raise PMAError("--poll-interval must be > 0")
+    wkw = window_kwargs(args)
+    if wkw["num_models"] < 1:
+        raise PMAError("--num-models must be >= 1")
+    save_dir = Path(args.save_dir)
+    if args.once and not save_dir.is_dir():
+        raise PMAError(f"{save_dir}: no such save directory")
+    w = Watcher(save_dir, args.output_root, window_kwargs=wkw, schedule_kwargs=schedule_kwargs(args),
+                poll_interval=args.poll_interval, backfill=args.backfill,
+                ignore_tracker=args.ignore_tracker, nice=args.nice)
+
+    def on_signal(signum, _frame):
+        w.stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return w.run(once=args.once)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--merge-child":
+        sys.exit(_child_main(sys.argv[2]))
+    from megatron_pma.cli import main
+
+    sys.exit(main(["watch"] + sys.argv[1:]))

@@ -1,0 +1,98 @@
+"""SIGKILL a merge at random points (1 and 2 processes): never a visible partial output, the
+tracker never names an incomplete checkpoint, and a rerun succeeds.
+
+Inputs are synthetic torch_dist checkpoints (plain DCP + Megatron's metadata.json/common.pt) of a few
+tens of MiB, so that a kill lands mid-write often; the merge code path is the same as for GPT saves.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckpt_factory
+from helpers import REPO, tree_digest
+
+
+@pytest.fixture(scope="module")
+def synthetic_save(tmp_path_factory):
+    import torch.distributed.checkpoint as dcp
+
+    root = tmp_path_factory.mktemp("synthetic") / "save"
+    dirs = []
+    for i, it in enumerate((100, 200, 300)):
+        g = torch.Generator().manual_seed(i)
+        sd = {f"decoder.layers.{k}.weight": torch.randn(4, 256, 1024, generator=g) for k in range(6)}
+        sd["rng_state"] = {"seed": i}
+        d = root / f"iter_{it:07d}"
+        dcp.save(sd, checkpoint_id=str(d), no_dist=True)
+        (d / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
+        torch.save({"iteration": it}, d / "common.pt")
+        dirs.append(d)
+    (root / "latest_checkpointed_iteration.txt").write_text("300")
+    return dirs
+
+
+def _start(nproc, inputs, out):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    merge = ["-m", "megatron_pma", "merge", *map(str, inputs), "--output", str(out), "--quiet"]
+    cmd = [sys.executable, *merge] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *merge]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _check_consistent(out_root: Path, expected: dict):
+    visible = sorted(p.name for p in out_root.iterdir() if not p.name.startswith("."))
+    tracker = out_root / "latest_checkpointed_iteration.txt"
+    if tracker.exists():
+        assert tracker.read_text() == "300"
+        assert "iter_0000300" in visible  # the tracker never names a missing checkpoint
+    if "iter_0000300" in visible:  # a visible output is a complete one
+        got = ckpt_factory.load_full_tensors(out_root / "iter_0000300")
+        assert got.keys() == expected.keys()
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), k
+
+
+def test_sigkill_at_random_points(synthetic_save, tmp_path):
+    before = tree_digest(synthetic_save[0].parent)
+    reference = tmp_path / "reference" / "iter_0000300"
+    reference.parent.mkdir()
+    t0 = time.perf_counter()
+    p = _start(1, synthetic_save, reference)
+    assert p.wait(timeout=300) == 0
+    full = time.perf_counter() - t0
+    expected = ckpt_factory.load_full_tensors(reference)
+    rng = random.Random(0)
+    outcomes = {"killed": 0, "finished": 0}
+    for trial in range(20):
+        nproc = 1 + trial % 2
+        out_root = tmp_path / f"t{trial}"
+        out_root.mkdir()
+        p = _start(nproc, synthetic_save, out_root / "iter_0000300")
+        time.sleep(rng.uniform(0.3, full * (1.6 if nproc == 2 else 1.1)))
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            outcomes["killed"] += 1
+        else:
+            outcomes["finished"] += 1
+        p.wait()
+        _check_consistent(out_root, expected)
+        if trial % 5 == 0:  # a rerun after the kill succeeds and cleans the staging folder
+            p = _start(nproc, synthetic_save, out_root / "iter_0000300")
+            if (out_root / "iter_0000300").exists():
+                assert p.wait(timeout=300) == 2  # refuses to overwrite without --force
+            else:
+                assert p.wait(timeout=300) == 0
+            _check_consistent(out_root, expected)
+            assert sorted(x.name for x in out_root.iterdir()) == ["iter_0000300", "latest_checkpointed_iteration.txt"]
+    assert outcomes["killed"] >= 10, outcomes
+    assert tree_digest(synthetic_save[0].parent) == before
