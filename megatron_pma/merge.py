@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
 from megatron_pma import __version__, schedules
-from megatron_pma.checkpoint import dcp, publish
+from megatron_pma.checkpoint import dcp, integrity, publish
 from megatron_pma.checkpoint.discovery import (
     ITER_DIR,
     is_complete,
@@ -247,7 +247,8 @@ def _compare_entry(key, other, e, ref, r) -> None:
 
 def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: float = 0.2,
                weights: Sequence[float] | None = None, normalize: bool = False,
-               optimizer: str = "drop", num_files: int | None = None) -> MergePlan:
+               optimizer: str = "drop", num_files: int | None = None,
+               verify_integrity: bool = False) -> MergePlan:
     if optimizer not in OPTIMIZER_MODES:
         raise PMAError(f"--optimizer must be one of {', '.join(OPTIMIZER_MODES)}, got {optimizer!r}")
     if not inputs:
@@ -265,6 +266,9 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
             raise PMAError(f"{b.label}: duplicate iteration {b.iteration} (also {a.label})")
     w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize)
     kept = check_layout(loaded, optimizer)
+    if verify_integrity:
+        for c in loaded:
+            integrity.verify(c.path)
     newest = loaded[-1]
     jobs: list[Job] = []
     for key in kept:
@@ -505,7 +509,7 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
                       normalize: bool = False, optimizer: str = "drop", force: bool = False,
                       allow_nonfinite: bool = False, update_tracker: bool | None = None,
                       progress: bool = True, fsync: bool = True,
-                      num_files: int | None = None) -> MergeResult:
+                      num_files: int | None = None, verify_integrity: bool = False) -> MergeResult:
     """Average Megatron ``torch_dist`` checkpoints of one run into a new checkpoint.
 
     Inputs are sorted oldest -> newest by iteration; ``method`` picks the weights (see
@@ -518,7 +522,9 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
     ``output`` is published atomically; if its name is ``iter_XXXXXXX`` its parent is treated
     as a save dir whose tracker is written last (``update_tracker=None``: only when that does
     not move the tracker backwards). Raises :class:`PMAError` on bad input, before any output
-    exists where the problem is detectable up front. Under ``torchrun``/``srun`` (or an
+    exists where the problem is detectable up front. ``verify_integrity`` checks inputs against
+    their ``integrity.json``; the output gets one whenever that is asked or the newest input
+    has one (so Megatron's ``--verify-integrity`` loads it). Under ``torchrun``/``srun`` (or an
     initialised process group) the work is split over ranks; every rank gets the result.
     """
     t0 = time.perf_counter()
@@ -528,7 +534,8 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
         return _merge(inputs, output, group, t0, method=method, alpha=alpha, weights=weights,
                       normalize=normalize, optimizer=optimizer, force=force,
                       allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,
-                      progress=progress and group.rank == 0, fsync=fsync, num_files=num_files)
+                      progress=progress and group.rank == 0, fsync=fsync, num_files=num_files,
+                      verify_integrity=verify_integrity)
     finally:
         group.close()
 
@@ -550,9 +557,10 @@ def _check_output(output: Path, plan: MergePlan, force: bool) -> None:
 
 
 def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, optimizer, force,
-           allow_nonfinite, update_tracker, progress, fsync, num_files) -> MergeResult:
+           allow_nonfinite, update_tracker, progress, fsync, num_files, verify_integrity) -> MergeResult:
     plan = plan_merge(inputs, method=method, alpha=alpha, weights=weights, normalize=normalize,
-                      optimizer=optimizer, num_files=num_files)
+                      optimizer=optimizer, num_files=num_files, verify_integrity=verify_integrity)
+    manifest = verify_integrity or (plan.newest.path / integrity.INTEGRITY_FILE).exists()
     _check_output(output, plan, force)
     stage = publish.staging_dir(output)
     error = None
@@ -571,12 +579,15 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
     update, close_bar = _make_progress(progress, my_bytes)
     reader = _Reader()
     storage: dict = {}
+    digests: dict = {}
     error = None
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_world(group))))
         for b in mine:
-            storage.update(_write_file(plan, files[b], stage / f"__{b}_0.distcp", reader,
-                                       allow_nonfinite, update))
+            name = f"__{b}_0.distcp"
+            storage.update(_write_file(plan, files[b], stage / name, reader, allow_nonfinite, update))
+            if manifest:  # hash while the file is hot in the page cache, on the rank that wrote it
+                digests[name] = integrity.file_sha256(stage / name)
     except PMAError as e:
         error = str(e)
     except Exception as e:  # keep ranks in step: report, then fail everywhere
@@ -586,6 +597,7 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
         close_bar()
     error = group.first_error(error)
     all_storage = group.gather_dicts(storage) if not error else None
+    all_digests = group.gather_dicts(digests) if not error else None
     if group.rank == 0:
         try:
             if error is None:
@@ -594,6 +606,8 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
                 seconds = time.perf_counter() - t0
                 publish.write_json(stage / PROVENANCE_FILE,
                                    _provenance(plan, alpha, output, group.world, seconds))
+                if manifest:
+                    integrity.write(stage, all_digests)
                 publish.publish(stage, output, replace=force, fsync=fsync)
                 _maybe_update_tracker(output, plan.newest.iteration, update_tracker, fsync)
         except PMAError as e:

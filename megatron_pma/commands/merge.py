@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge even if an input holds NaN/Inf")
     p.add_argument("--no-tracker", action="store_true", help="never write the parent's tracker file")
+    p.add_argument("--verify-integrity", action="store_true",
+                   help="check inputs against their integrity.json and write one for the output")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before publishing (faster, less durable)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
                                allow_nonfinite=args.allow_nonfinite,
                                update_tracker=False if args.no_tracker else None,
                                progress=not args.quiet and sys.stderr.isatty(),
-                               fsync=not args.no_fsync, **schedule_kwargs(args))
+                               fsync=not args.no_fsync, verify_integrity=args.verify_integrity,
+                               **schedule_kwargs(args))
     if int(os.environ.get("RANK", "0")) == 0:
         pairs = ", ".join(f"{it}:{w:.4g}" for it, w in zip(result.iterations, result.weights))
         print(f"merged {len(result.iterations)} checkpoints ({args.method}; iteration:weight {pairs}) "
