@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
 from megatron_pma import __version__, schedules
-from megatron_pma.checkpoint import dcp, integrity, publish
+from megatron_pma.checkpoint import dcp, dcp_types, integrity, publish
+from megatron_pma.checkpoint.dcp_types import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from megatron_pma.checkpoint.discovery import (
     ITER_DIR,
     is_complete,
@@ -410,8 +409,8 @@ def _raise_nonfinite(plan, job, reader, locs, buf, first, n):
 
 
 def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader,
-                allow_nonfinite: bool, progress) -> dict[MetadataIndex, _StorageInfo]:
-    storage: dict[MetadataIndex, _StorageInfo] = {}
+                allow_nonfinite: bool, progress) -> dict[MetadataIndex, StorageInfo]:
+    storage: dict[MetadataIndex, StorageInfo] = {}
     scratch = _Scratch()
     try:
         with open(path, "wb") as f:
@@ -427,7 +426,7 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader,
                     except RuntimeError as e:  # torch's zip writer hides the OSError
                         _reraise_os_error(f)
                         raise PMAError(f"{path}: write failed ({e})") from None
-                storage[job.index] = _StorageInfo(path.name, start, f.tell() - start)
+                storage[job.index] = StorageInfo(path.name, start, f.tell() - start)
                 progress(job.nbytes)
     except OSError as e:
         raise PMAError(f"{path}: write failed ({os.strerror(e.errno) if e.errno else e})") from None
@@ -456,10 +455,7 @@ def _write_metadata(plan: MergePlan, stage: Path, storage: dict) -> None:
     mcore_data = getattr(src, "mcore_data", None)
     if mcore_data is not None:  # keep what old megatron readers look for, as a plain attribute
         md.mcore_data = {k: v for k, v in mcore_data.items() if k in kept} if isinstance(mcore_data, dict) else mcore_data
-    import pickle
-
-    with open(stage / dcp.METADATA_FILE, "wb") as f:
-        pickle.dump(md, f)
+    (stage / dcp.METADATA_FILE).write_bytes(dcp_types.dumps(md))
 
 
 def _copy_common_files(newest: Path, stage: Path) -> None:

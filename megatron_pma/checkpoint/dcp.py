@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.metadata import (
+from megatron_pma.checkpoint.dcp_types import (
     BytesStorageMetadata,
     Metadata,
     MetadataIndex,
+    StorageInfo,
     TensorStorageMetadata,
 )
 
@@ -47,6 +48,8 @@ class _MCoreSavePlanStandIn:
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        if module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo":
+            return StorageInfo  # same fields; avoids importing DCP's filesystem machinery
         if module == _MCORE_MODULE and name == "MCoreMetadata":
             return MCoreMetadataStandIn
         if module == _MCORE_MODULE and name == "MCoreSavePlan":

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def describe_checkpoint(path: Path) -> dict:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from megatron_pma.checkpoint.dcp_types import TensorStorageMetadata
 
     from megatron_pma.checkpoint.common_state import consumed_tokens, read_common_state
     from megatron_pma.merge import load_input, optimizer_role
