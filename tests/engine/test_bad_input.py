@@ -16,9 +16,9 @@ from megatron_pma.checkpoint import dcp
 
 
 @pytest.fixture
-def save(run_tp2, tmp_path):
+def save(gpt_tp2, tmp_path):
     """A private copy of a real TP=2 run (3 checkpoints) that a case may damage."""
-    return ckpt_factory.copy_run(run_tp2, tmp_path / "save")
+    return ckpt_factory.copy_run(gpt_tp2, tmp_path / "save")
 
 
 def _nan_into(ckpt: Path, key: str):
@@ -32,81 +32,79 @@ def _nan_into(ckpt: Path, key: str):
         f.write(torch.tensor([float("nan")], dtype=loc.dtype).view(torch.uint8).numpy().tobytes())
 
 
-def _case_missing_path(save, tmp):
+def _case_missing_path(save, tmp, request):
     return [tmp / "nope" / "iter_0000010", *save[1:]], "no such checkpoint"
 
 
-def _case_no_metadata_json(save, tmp):
+def _case_no_metadata_json(save, tmp, request):
     (save[0] / "metadata.json").unlink()
     return save, "metadata.json"
 
 
-def _case_no_dcp_metadata(save, tmp):
+def _case_no_dcp_metadata(save, tmp, request):
     (save[1] / ".metadata").unlink()
     return save, ".metadata"
 
 
-def _case_truncated_distcp(save, tmp):
+def _case_truncated_distcp(save, tmp, request):
     f = sorted(save[1].glob("*.distcp"))[0]
     os.truncate(f, f.stat().st_size // 2)
     return save, "truncated"
 
 
-def _case_corrupt_pickle(save, tmp):
+def _case_corrupt_pickle(save, tmp, request):
     (save[2] / ".metadata").write_bytes(b"\x80\x04garbage")
     return save, "unreadable DCP metadata"
 
 
-def _case_shape_mismatch(save, tmp):
-    other = ckpt_factory.cached_run("tp2_l2", tp=2, num_layers=2, iterations=(40,))
-    return [*save, other[0]], "shape"
+def _case_shape_mismatch(save, tmp, request):
+    other = ckpt_factory.cached_run("tp1_2layers", tp=1, num_layers=2, iterations=(40,))
+    return [*save, other[0]], "has shape [4, 256]"
 
 
-def _case_dtype_mismatch(save, tmp):
-    other = ckpt_factory.cached_run("tp2_bf16", tp=2, dtype="bf16", iterations=(40,))
-    return [*save, other[0]], "dtype"
+def _case_dtype_mismatch(save, tmp, request):
+    return [save[0], save[1], request.getfixturevalue("gpt_bf16")[2]], "dtype torch.float32"
 
 
-def _case_layout_mismatch(save, tmp):
-    other = ckpt_factory.cached_run("tp1", tp=1, iterations=(40,))
-    return [*save, other[0]], "sharded differently"
+def _case_layout_mismatch(save, tmp, request):
+    return [save[0], save[1], request.getfixturevalue("gpt_tp1_optim")[2]], "sharded differently"
 
 
-def _case_key_missing(save, tmp):
-    other = ckpt_factory.cached_run("tp2_optim", tp=2, optimizer="model", iterations=(40,))
-    return [*save, other[0], "--optimizer", "average"], "missing key optimizer."
+def _case_key_missing(save, tmp, request):
+    other = request.getfixturevalue("gpt_tp1_optim")[2]
+    return [save[0], save[1], other, "--optimizer", "average"], "missing key optimizer."
 
 
-def _case_nan(save, tmp):
+def _case_nan(save, tmp, request):
     _nan_into(save[1], "decoder.layers.mlp.linear_fc1.weight")
     return save, "NaN/Inf"
 
 
-def _case_same_checkpoint_twice(save, tmp):
+def _case_same_checkpoint_twice(save, tmp, request):
     return [save[0], save[1], Path(str(save[1]) + "/")], "given twice"
 
 
-def _case_duplicate_iteration(save, tmp):
+def _case_duplicate_iteration(save, tmp, request):
     copy = tmp / "copy_of_20"
     shutil.copytree(save[1], copy / "iter_0000020")
     return [save[0], save[1], copy / "iter_0000020"], "duplicate iteration 20"
 
 
-def _case_bad_weights(save, tmp):
+def _case_bad_weights(save, tmp, request):
     return [*save, "--method", "custom", "--weights", "0.5,0.4,0.3"], "sum to 1.2"
 
 
-def _case_output_exists(save, tmp):
+def _case_output_exists(save, tmp, request):
     return save, "already exists"
 
 
-def _case_not_a_directory(save, tmp):
+def _case_not_a_directory(save, tmp, request):
     f = tmp / "file.txt"
     f.write_text("x")
     return [*save, f], "not a directory"
 
 
-def _case_empty_dir(save, tmp):
+def _case_empty_dir(save, tmp, request):
     (tmp / "empty").mkdir()
     return [*save, tmp / "empty"], "metadata.json"
 
@@ -115,8 +113,8 @@ CASES = {name[len("_case_"):]: fn for name, fn in globals().items() if name.star
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input(case, save, tmp_path):
-    args, message = CASES[case](save, tmp_path)
+def test_bad_input(case, save, tmp_path, request):
+    args, message = CASES[case](save, tmp_path, request)
     out = tmp_path / "out" / "merged"
     out.parent.mkdir()
     if case == "output_exists":

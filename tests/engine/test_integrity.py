@@ -7,8 +7,8 @@ from helpers import cli
 from megatron_pma.checkpoint import integrity
 
 
-def test_verify_inputs_and_write_manifest(run_tp2, tmp_path):
-    save = ckpt_factory.copy_run(run_tp2, tmp_path / "save")
+def test_verify_inputs_and_write_manifest(gpt_tp2, tmp_path):
+    save = ckpt_factory.copy_run(gpt_tp2, tmp_path / "save")
     for d in save:
         integrity.write(d)
     out = tmp_path / "merged"

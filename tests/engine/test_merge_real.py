@@ -25,50 +25,53 @@ def _merge(inputs, out, *extra):
     ("wma", [], schedules.wma(3)),
     ("custom", ["--weights", "0.2,0.3,0.5"], [0.2, 0.3, 0.5]),
 ])
-def test_tp2_merge_equals_reference(run_tp2, tmp_path, method, extra, weights):
+def test_tp2_merge_equals_reference(gpt_tp2, tmp_path, method, extra, weights):
     out = tmp_path / "merged"
     # inputs given newest-first on purpose: the engine orders them by iteration
-    _merge(list(reversed(run_tp2)), out, "--method", method, *extra)
-    ref = reference_merge([ckpt_factory.load_full_tensors(p) for p in run_tp2], weights)
+    _merge(list(reversed(gpt_tp2)), out, "--method", method, *extra)
+    ref = reference_merge([ckpt_factory.load_full_tensors(p) for p in gpt_tp2], weights)
     assert_tensors_close(ckpt_factory.load_full_tensors(out), ref)
     prov = json.loads((out / "pma_provenance.json").read_text())
     assert [i["iteration"] for i in prov["inputs"]] == [10, 20, 30]
     assert [i["weight"] for i in prov["inputs"]] == pytest.approx(weights)
     assert prov["method"] == method
     # common state is the newest input's, byte for byte
-    assert (out / "common.pt").read_bytes() == (run_tp2[-1] / "common.pt").read_bytes()
+    assert (out / "common.pt").read_bytes() == (gpt_tp2[-1] / "common.pt").read_bytes()
 
 
-def test_pp2_bf16_merge_keeps_dtype_and_layout(run_pp2_bf16, tmp_path):
+@pytest.mark.parametrize("fixture", ["gpt_tp2_pp2", "gpt_bf16"])
+def test_pp2_and_bf16_merges_keep_dtype_and_layout(fixture, request, tmp_path):
+    run = request.getfixturevalue(fixture)
     out = tmp_path / "merged"
-    _merge(run_pp2_bf16, out, "--method", "ema")
-    ins = [ckpt_factory.load_full_tensors(p) for p in run_pp2_bf16]
+    _merge(run, out, "--method", "ema")
+    ins = [{k: v for k, v in ckpt_factory.load_full_tensors(p).items() if optimizer_role(k) is None} for p in run]
     got = ckpt_factory.load_full_tensors(out)
-    assert any(t.dtype == torch.bfloat16 for t in got.values())
+    if fixture == "gpt_bf16":
+        assert all(t.dtype == torch.bfloat16 for t in got.values())
     assert_tensors_close(got, reference_merge(ins, schedules.ema(3, 0.2)))
-    md_in, md_out = ckpt_factory.read_metadata(run_pp2_bf16[-1]), ckpt_factory.read_metadata(out)
+    md_in, md_out = ckpt_factory.read_metadata(run[-1]), ckpt_factory.read_metadata(out)
     for key, entry in md_in.state_dict_metadata.items():
-        if hasattr(entry, "chunks"):
+        if hasattr(entry, "chunks") and optimizer_role(key) is None:
             assert sorted(map(str, entry.chunks)) == sorted(map(str, md_out.state_dict_metadata[key].chunks))
     # sharded objects (rng state, extra state) come from the newest input unchanged
-    objs = ckpt_factory.sharded_object_keys(run_pp2_bf16[-1])
-    assert objs == ckpt_factory.sharded_object_keys(out)
+    objs = [k for k in ckpt_factory.sharded_object_keys(run[-1]) if optimizer_role(k) is None]
+    assert objs and objs == ckpt_factory.sharded_object_keys(out)
 
 
-def test_optimizer_modes(run_tp1_optim, tmp_path):
-    ins = [ckpt_factory.load_full_tensors(p) for p in run_tp1_optim]
+def test_optimizer_modes(gpt_tp1_optim, tmp_path):
+    ins = [ckpt_factory.load_full_tensors(p) for p in gpt_tp1_optim]
     w = schedules.sma(3)
     roles = {k: optimizer_role(k) for k in ins[-1]}
     assert {"param", "moment"} <= set(roles.values()), roles
 
-    _merge(run_tp1_optim, tmp_path / "drop")
+    _merge(gpt_tp1_optim, tmp_path / "drop")
     dropped = ckpt_factory.load_full_tensors(tmp_path / "drop")
     assert dropped and all(optimizer_role(k) is None for k in dropped)
 
-    _merge(run_tp1_optim, tmp_path / "avg", "--optimizer", "average")
+    _merge(gpt_tp1_optim, tmp_path / "avg", "--optimizer", "average")
     assert_tensors_close(ckpt_factory.load_full_tensors(tmp_path / "avg"), reference_merge(ins, w))
 
-    _merge(run_tp1_optim, tmp_path / "klm", "--optimizer", "keep-last-moments")
+    _merge(gpt_tp1_optim, tmp_path / "klm", "--optimizer", "keep-last-moments")
     klm = ckpt_factory.load_full_tensors(tmp_path / "klm")
     ref = reference_merge(ins, w)
     for key, role in roles.items():
@@ -83,25 +86,40 @@ def test_optimizer_modes(run_tp1_optim, tmp_path):
         torch.testing.assert_close(master, klm[model_key].float(), rtol=1e-6, atol=1e-7)
 
 
-def test_distributed_optimizer_buckets_averaged(run_dp2_distopt, tmp_path):
-    ins = [ckpt_factory.load_full_tensors(p) for p in run_dp2_distopt]
+def test_distributed_optimizer_buckets_averaged(gpt_tp2_distopt, tmp_path):
+    ins = [ckpt_factory.load_full_tensors(p) for p in gpt_tp2_distopt]
     assert any(k.startswith("optimizer.distributed.") for k in ins[-1])
-    _merge(run_dp2_distopt, tmp_path / "avg", "--optimizer", "average", "--method", "wma")
+    _merge(gpt_tp2_distopt, tmp_path / "avg", "--optimizer", "average", "--method", "wma")
     assert_tensors_close(ckpt_factory.load_full_tensors(tmp_path / "avg"), reference_merge(ins, schedules.wma(3)))
 
 
-def test_merged_checkpoint_loads_into_gptmodel_at_tp1_and_tp2(run_tp2, tmp_path):
+@pytest.mark.parametrize("fixture", ["gpt_mcore014", "gpt_mcore0192"])
+def test_other_megatron_versions(fixture, request, tmp_path):
+    """0.14 pickles megatron classes into .metadata (read without megatron installed);
+    0.19 keeps the common state inside DCP (no common.pt)."""
+    run = request.getfixturevalue(fixture)
+    _merge(run, tmp_path / "m", "--method", "wma")
+    ins = [ckpt_factory.load_full_tensors(p) for p in run]
+    assert_tensors_close(ckpt_factory.load_full_tensors(tmp_path / "m"), reference_merge(ins, schedules.wma(3)))
+    assert (tmp_path / "m" / "common.pt").exists() == (run[-1] / "common.pt").exists()
+    r = cli("inspect", tmp_path / "m", "--json")
+    assert r.returncode == 0, r.stderr
+    info = __import__("json").loads(r.stdout)
+    assert info["iteration"] == 30 and info["tokens"]
+
+
+def test_merged_checkpoint_loads_into_gptmodel_at_tp1_and_tp2(gpt_tp2, tmp_path):
     """Megatron's own dist_checkpointing.load puts exactly the averaged weights into a fresh
     GPTModel (at TP=1, resharding the TP=2 chunks), and TP=1 / TP=2 give the same loss."""
     out = tmp_path / "merged"
-    _merge(run_tp2, out)
-    ref = reference_merge([ckpt_factory.load_full_tensors(p) for p in run_tp2], schedules.sma(3))
+    _merge(gpt_tp2, out)
+    ref = reference_merge([ckpt_factory.load_full_tensors(p) for p in gpt_tp2], schedules.sma(3))
     loss_tp1, loaded = ckpt_factory.eval_state_dict(out, tp=1)
     tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor) and k in ref}
     assert len(tensors) == len([k for k in ref if optimizer_role(k) is None])
     for key, value in tensors.items():
         torch.testing.assert_close(value, ref[key], rtol=1e-6, atol=1e-7, msg=key)
-    loss_tp2, loss_last = ckpt_factory.eval_losses([out, run_tp2[-1]], tp=2)
+    loss_tp2, loss_last = ckpt_factory.eval_losses([out, gpt_tp2[-1]], tp=2)
     assert loss_tp1 == pytest.approx(loss_tp2, abs=1e-5)
     assert loss_tp1 != pytest.approx(loss_last, abs=1e-6)
 
@@ -110,9 +128,9 @@ def _files(d: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "pma_provenance.json"}
 
 
-def test_two_processes_write_the_same_bytes_as_one(run_tp2, tmp_path):
-    _merge(run_tp2, tmp_path / "one", "--method", "ema")
-    r = torchrun_cli(2, "merge", *run_tp2, "--output", tmp_path / "two", "--quiet", "--method", "ema")
+def test_two_processes_write_the_same_bytes_as_one(gpt_tp2, tmp_path):
+    _merge(gpt_tp2, tmp_path / "one", "--method", "ema")
+    r = torchrun_cli(2, "merge", *gpt_tp2, "--output", tmp_path / "two", "--quiet", "--method", "ema")
     assert r.returncode == 0, r.stdout + r.stderr
     one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
     assert one.keys() == two.keys() and len(one) > 3
@@ -121,9 +139,9 @@ def test_two_processes_write_the_same_bytes_as_one(run_tp2, tmp_path):
     assert json.loads((tmp_path / "two" / "pma_provenance.json").read_text())["processes"] == 2
 
 
-def test_save_dir_window_tracker_and_inspect(run_tp2, tmp_path):
+def test_save_dir_window_tracker_and_inspect(gpt_tp2, tmp_path):
     save = tmp_path / "save"
-    ckpt_factory.copy_run(run_tp2, save)
+    ckpt_factory.copy_run(gpt_tp2, save)
     out = save / "pma" / "iter_0000030"
     out.parent.mkdir()
     r = cli("merge", "--save-dir", save, "--num-models", "2", "--interval-iters", "20",
