@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -560,16 +561,21 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
     plan = plan_merge(inputs, method=method, alpha=alpha, weights=weights, normalize=normalize,
                       optimizer=optimizer, num_files=num_files, verify_integrity=verify_integrity)
     manifest = verify_integrity or (plan.newest.path / integrity.INTEGRITY_FILE).exists()
+    if group.rank == 0 and output.parent.is_dir():
+        publish.remove_stale(output)  # debris of killed merges (their owners' locks are free)
     _check_output(output, plan, force)
-    stage = publish.staging_dir(output)
+    staging = publish.Staging(output, group.broadcast(f"{os.getpid()}-{uuid.uuid4().hex[:8]}"))
+    stage = staging.path
     error = None
     if group.rank == 0:
         try:
-            publish.prepare_staging(output)
+            staging.create()
         except OSError as e:
             error = f"{output.parent}: cannot create the staging folder ({e.strerror})"
     error = group.first_error(error)
     if error:
+        if group.rank == 0:
+            staging.release()
         raise PMAError(error)
 
     files = plan.files()
@@ -607,15 +613,14 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
                                    _provenance(plan, alpha, output, group.world, seconds))
                 if manifest:
                     integrity.write(stage, all_digests)
-                publish.publish(stage, output, replace=force, fsync=fsync)
+                publish.publish(staging, output, replace=force, fsync=fsync)
                 _maybe_update_tracker(output, plan.newest.iteration, update_tracker, fsync)
         except PMAError as e:
             error = str(e)
         except OSError as e:
             error = f"{output}: cannot publish ({e.strerror or e})"
         finally:
-            if error is not None:
-                shutil.rmtree(stage, ignore_errors=True)
+            staging.release()  # after a publish only the lock is left to remove
     error = group.first_error(error)
     if error:
         raise PMAError(error)

@@ -50,6 +50,14 @@ class Group:
         dist.all_gather_object(errors, error, group=self.pg)
         return next((e for e in errors if e), None)
 
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        objs = [None] * self.world
+        dist.all_gather_object(objs, obj if self.rank == 0 else None, group=self.pg)
+        return objs[0]
+
     def gather_dicts(self, d: dict) -> dict:
         if self.world == 1:
             return d

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -20,20 +21,77 @@ STAGING_SUFFIX = ".pma-staging"
 RETIRED_SUFFIX = ".pma-retired"
 
 
-def staging_dir(output: Path) -> Path:
+class Staging:
+    """A hidden, uniquely named build folder beside ``output`` whose owner holds a flock.
+
+    The lock (a sibling ``<folder>.lock``) tells a live merge from a killed one: only folders
+    whose lock can be taken are stale and removed, so two merges never delete each other's work.
+    """
+
+    def __init__(self, output: Path, token: str):
+        output = Path(output)
+        self.path = output.parent / f".{output.name}{STAGING_SUFFIX}-{token}"
+        self.retired = output.parent / f".{output.name}{RETIRED_SUFFIX}-{token}"
+        self._lock_fd = None
+
+    @property
+    def lock_path(self) -> Path:
+        return _lock_path(self.path)
+
+    def create(self) -> "Staging":
+        self._lock_fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self.path.mkdir()
+        return self
+
+    def release(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_fd is not None:
+            try:
+                self.lock_path.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _lock_path(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".lock")
+
+
+def _owner_alive(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without flock: assume alive, never delete others' work
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_stale(output: Path) -> list[Path]:
+    """Remove staging / retired folders (and locks) that killed merges into ``output`` left."""
     output = Path(output)
-    return output.parent / f".{output.name}{STAGING_SUFFIX}"
-
-
-def prepare_staging(output: Path) -> Path:
-    stage = staging_dir(output)
-    if stage.exists():
-        shutil.rmtree(stage)  # left over by a killed run
-    retired = output.parent / f".{output.name}{RETIRED_SUFFIX}"
-    if retired.exists():
-        shutil.rmtree(retired)
-    stage.mkdir(parents=True)
-    return stage
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    for suffix in (STAGING_SUFFIX, RETIRED_SUFFIX):
+        for p in output.parent.glob(f".{output.name}{suffix}*"):
+            if p.name.endswith(".lock"):
+                if not p.with_name(p.name[: -len(".lock")]).exists() and not _owner_alive(p):
+                    p.unlink(missing_ok=True)
+                continue
+            if not _owner_alive(_lock_path(p)):
+                shutil.rmtree(p, ignore_errors=True)
+                _lock_path(p).unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def fsync_path(path: Path) -> None:
@@ -69,9 +127,9 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def publish(stage: Path, output: Path, *, replace: bool, fsync: bool = True) -> None:
-    """Make ``stage`` visible as ``output`` in one rename (an atomic swap when replacing)."""
-    stage, output = Path(stage), Path(output)
+def publish(staging: Staging, output: Path, *, replace: bool, fsync: bool = True) -> None:
+    """Make the staging folder visible as ``output`` in one rename (an atomic swap when replacing)."""
+    stage, output = staging.path, Path(output)
     if fsync:
         for root, _dirs, files in os.walk(stage):
             for name in files:
@@ -83,7 +141,7 @@ def publish(stage: Path, output: Path, *, replace: bool, fsync: bool = True) -> 
         if _exchange(stage, output):
             shutil.rmtree(stage)  # now holds the old output
         else:
-            retired = output.parent / f".{output.name}{RETIRED_SUFFIX}"
+            retired = staging.retired
             os.rename(output, retired)
             os.rename(stage, output)
             shutil.rmtree(retired)

@@ -308,15 +308,11 @@ def _advance_tracker(root: Path, iteration: int) -> None:
 
 def _cleanup_staging(out: Path, child_pid: int) -> None:
     """Remove what a merge into ``out`` left behind when it was killed: the engine's hidden
-    staging / retired folders beside ``out`` and a half-written tracker temp file."""
-    try:
-        from megatron_pma.checkpoint.publish import RETIRED_SUFFIX, STAGING_SUFFIX
-    except ImportError:  # pragma: no cover
-        STAGING_SUFFIX, RETIRED_SUFFIX = ".pma-staging", ".pma-retired"
-    for suffix in (STAGING_SUFFIX, RETIRED_SUFFIX):
-        p = out.parent / f".{out.name}{suffix}"
-        if p.exists():
-            shutil.rmtree(p, ignore_errors=True)
+    staging / retired folders beside ``out`` (only those whose owner is dead) and a
+    half-written tracker temp file."""
+    from megatron_pma.checkpoint.publish import remove_stale
+
+    remove_stale(out)
     tmp = out.parent / f".latest_checkpointed_iteration.txt.tmp-{child_pid}"
     if tmp.exists():
         try:

@@ -8,12 +8,12 @@ tens of MiB, so that a kill lands mid-write often; the merge code path is the sa
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -49,6 +49,20 @@ def _start(nproc, inputs, out):
                             start_new_session=True)
 
 
+def _kill_tree(p):
+    """SIGKILL the launcher and every descendant (torchrun puts workers in their own sessions)."""
+    procs = [psutil.Process(p.pid)]
+    try:
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _check_consistent(out_root: Path, expected: dict):
     visible = sorted(p.name for p in out_root.iterdir() if not p.name.startswith("."))
     tracker = out_root / "latest_checkpointed_iteration.txt"
@@ -80,7 +94,7 @@ def test_sigkill_at_random_points(synthetic_save, tmp_path):
         p = _start(nproc, synthetic_save, out_root / "iter_0000300")
         time.sleep(rng.uniform(0.3, full * (1.6 if nproc == 2 else 1.1)))
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+            _kill_tree(p)
             outcomes["killed"] += 1
         else:
             outcomes["finished"] += 1
@@ -94,5 +108,7 @@ def test_sigkill_at_random_points(synthetic_save, tmp_path):
                 assert p.wait(timeout=300) == 0
             _check_consistent(out_root, expected)
             assert sorted(x.name for x in out_root.iterdir()) == ["iter_0000300", "latest_checkpointed_iteration.txt"]
+    leftovers = [c for c in psutil.Process().children(recursive=True) if "megatron_pma" in " ".join(c.cmdline())]
+    assert not leftovers
     assert outcomes["killed"] >= 10, outcomes
     assert tree_digest(synthetic_save[0].parent) == before

@@ -180,7 +180,7 @@ def test_live_watch_follows_saves_and_stops_on_sigint(run_dirs, tmp_path):
         # Complete but newer than the tracker -> still ignored.
         shutil.copy2(src30 / "metadata.json", partial / "metadata.json")
         time.sleep(1.0)
-        assert not (out / "iter_0000030").exists() and not (out / ".iter_0000030.pma-staging").exists()
+        assert not (out / "iter_0000030").exists() and not list(out.glob(".iter_0000030.pma-staging*"))
         # Tracker reaches 30 -> merged.
         (save / TRACKER).write_text("30")
         w.wait_line("merged iteration 30")
@@ -225,7 +225,8 @@ def test_sigterm_during_merge_leaves_no_output(run_dirs, tmp_path):
     the stopped child for it to see the SIGTERM."""
     save = stage_save_dir(run_dirs, tmp_path / "save", upto=40, tracker=40)
     out = tmp_path / "merged"
-    stage = out / ".iter_0000040.pma-staging"
+    def staged():
+        return out.exists() and any(p.is_dir() for p in out.glob(".iter_0000040.pma-staging-*"))
     w = Watch(save, "--num-models", 4, "--poll-interval", 0.2, "--output-root", out)
     child = None
     t_stop = None
@@ -238,7 +239,7 @@ def test_sigterm_during_merge_leaves_no_output(run_dirs, tmp_path):
         child = _children(w.proc.pid)[0]
         os.kill(child, signal.SIGSTOP)
         t0 = time.monotonic()
-        while not stage.exists():
+        while not staged():
             assert not (out / "iter_0000040").exists(), "merge finished before it could be caught"
             assert time.monotonic() - t0 < 120, "staging dir never appeared"
             os.kill(child, signal.SIGCONT)
