@@ -146,12 +146,17 @@ def _merge_key(key: str, optimizer: str, dtype: torch.dtype) -> bool:
 
 def load_input(path: Path) -> InputCheckpoint:
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise PMAError(f"{path}: dangling symbolic link (-> {os.readlink(path)})")
     if not path.exists():
         raise PMAError(f"{path}: no such checkpoint")
     if not path.is_dir():
         raise PMAError(f"{path}: not a directory")
     if not os.access(path, os.R_OK | os.X_OK):
         raise PMAError(f"{path}: permission denied")
+    if any(p.name.startswith("mp_rank_") for p in path.iterdir()):
+        raise PMAError(f"{path}: legacy --ckpt-format torch checkpoint (mp_rank_*/); only torch_dist "
+                       "checkpoints can be merged (convert with Megatron's --ckpt-convert-format torch_dist)")
     if not is_complete(path):
         raise PMAError(f"{path}: no {dcp.MEGATRON_METADATA_FILE} (incomplete save, or not a "
                        "Megatron dist checkpoint)")
@@ -172,6 +177,7 @@ def load_input(path: Path) -> InputCheckpoint:
         if not isinstance(iteration, int):
             raise PMAError(f"{path}: cannot tell its iteration (name it iter_XXXXXXX)")
     _check_files(path, md)
+    read_common_state(path, md)  # unreadable common state fails here, before any output exists
     return InputCheckpoint(path, iteration, md)
 
 

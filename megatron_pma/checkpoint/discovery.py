@@ -76,7 +76,14 @@ def select_window(save_dir: Path, num_models: int, *, interval_iters: int | None
                   interval_tokens: int | None = None, tokens_per_iter: int | None = None,
                   every: int = 1, up_to_iteration: int | None = None) -> list[Path]:
     """The last ``num_models`` complete checkpoints of a save dir, spaced by the interval."""
+    tracker = read_tracker(save_dir)
+    if tracker == "release":
+        raise PMAError(f"{Path(save_dir) / TRACKER}: says 'release' (a released model, not a training "
+                       "run's checkpoints); give checkpoint dirs explicitly")
     ckpts = list_checkpoints(save_dir)
+    if isinstance(tracker, int) and tracker not in {it for it, _ in ckpts}:
+        raise PMAError(f"{Path(save_dir) / TRACKER}: names iteration {tracker}, but "
+                       f"{iter_dir_name(tracker)} is missing or incomplete")
     if not ckpts:
         raise PMAError(f"{save_dir}: no complete checkpoint (iter_XXXXXXX with metadata.json)")
     iterations = [it for it, _ in ckpts]

@@ -109,6 +109,38 @@ def _case_empty_dir(save, tmp, request):
     return [*save, tmp / "empty"], "metadata.json"
 
 
+def _case_dangling_symlink(save, tmp, request):
+    link = tmp / "iter_0000040"
+    link.symlink_to(tmp / "gone")
+    return [*save, link], "dangling symbolic link"
+
+
+def _case_legacy_format_mixed_in(save, tmp, request):
+    legacy = tmp / "legacy" / "iter_0000040"
+    (legacy / "mp_rank_00").mkdir(parents=True)
+    torch.save({"model": {"w": torch.zeros(2)}, "iteration": 40}, legacy / "mp_rank_00" / "model_optim_rng.pt")
+    return [*save, legacy], "legacy --ckpt-format torch"
+
+
+def _case_unreadable_common_state(save, tmp, request):
+    (save[0] / "common.pt").write_bytes(b"PK\x03\x04 not a zip")
+    return save, "unreadable common state"
+
+
+def _case_release_tracker(save, tmp, request):
+    (save[0].parent / "latest_checkpointed_iteration.txt").write_text("release")
+    return ["--save-dir", save[0].parent, "--num-models", "3"], "says 'release'"
+
+
+def _case_tracker_names_missing_iteration(save, tmp, request):
+    (save[0].parent / "latest_checkpointed_iteration.txt").write_text("40")
+    return ["--save-dir", save[0].parent, "--num-models", "3"], "names iteration 40, but iter_0000040 is missing"
+
+
+def _case_too_few_checkpoints(save, tmp, request):
+    return ["--save-dir", save[0].parent, "--num-models", "4"], "need 4 checkpoints, found 3"
+
+
 CASES = {name[len("_case_"):]: fn for name, fn in globals().items() if name.startswith("_case_")}
 
 
