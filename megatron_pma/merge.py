@@ -419,7 +419,7 @@ def _raise_nonfinite(plan, job, reader, locs, buf, first, n):
 
 
 def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader,
-                allow_nonfinite: bool, progress) -> dict[MetadataIndex, StorageInfo]:
+                allow_nonfinite: bool, progress, fsync: bool) -> dict[MetadataIndex, StorageInfo]:
     storage: dict[MetadataIndex, StorageInfo] = {}
     scratch = _Scratch()
     try:
@@ -438,6 +438,9 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader,
                         raise PMAError(f"{path}: write failed ({e})") from None
                 storage[job.index] = StorageInfo(path.name, start, f.tell() - start)
                 progress(job.nbytes)
+            if fsync:  # each rank syncs its own files, in parallel; publish() then finds them clean
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as e:
         raise PMAError(f"{path}: write failed ({os.strerror(e.errno) if e.errno else e})") from None
     return storage
@@ -596,7 +599,7 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_world(group))))
         for b in mine:
             name = f"__{b}_0.distcp"
-            storage.update(_write_file(plan, files[b], stage / name, reader, allow_nonfinite, update))
+            storage.update(_write_file(plan, files[b], stage / name, reader, allow_nonfinite, update, fsync))
             if manifest:  # hash while the file is hot in the page cache, on the rank that wrote it
                 digests[name] = integrity.file_sha256(stage / name)
     except PMAError as e:

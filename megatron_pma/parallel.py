@@ -70,4 +70,7 @@ class Group:
 
     def close(self) -> None:
         if self._owned and dist.is_initialized():
+            # Every rank must be done with the group before any rank tears it down: a rank that
+            # exits while a peer is still in a collective aborts in gloo's C++ teardown.
+            dist.barrier()
             dist.destroy_process_group()

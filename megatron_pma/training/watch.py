@@ -184,6 +184,9 @@ class Watcher:
             self._once(("none",), f"waiting for a final checkpoint in {self.save_dir}")
             return []
         ends = [it for it, _ in ckpts]
+        if merged(self.output_root, ends[-1]):
+            # A merge killed between its publish and its tracker write left the tracker behind.
+            _advance_tracker(self.output_root, ends[-1])
         if not self.backfill:
             ends = ends[-1:]
         return [it for it in ends if not merged(self.output_root, it) and it not in self.failed]

@@ -254,3 +254,19 @@ def test_sigterm_during_merge_leaves_no_output(run_dirs, tmp_path):
     assert not (out / "iter_0000040").exists()
     assert sorted(p.name for p in out.iterdir()) == []  # no staging, no tracker, no temp file
     assert not Path(f"/proc/{child}").exists()  # reaped
+
+
+def test_once_finishes_a_tracker_left_behind_by_a_killed_merge(run_dirs, tmp_path):
+    """A merge killed after its atomic rename but before its tracker write: the next pass writes it."""
+    save = stage_save_dir(run_dirs, tmp_path / "save", upto=30, tracker=30)
+    root = save / "pma"
+    root.mkdir()
+    r = subprocess.run([sys.executable, "-m", "megatron_pma", "merge", "--save-dir", str(save), "--num-models", "3",
+                        "--output", str(root / "iter_0000030"), "--no-tracker", "--quiet"],
+                       capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert not (root / TRACKER).exists()
+    r = run_watch(save, "--num-models", 3, "--once")
+    assert r.returncode == 0, r.stderr
+    assert not merged_lines(r.stderr)  # nothing merged again
+    assert (root / TRACKER).read_text().strip() == "30"
