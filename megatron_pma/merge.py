@@ -595,6 +595,7 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
     storage: dict = {}
     digests: dict = {}
     error = None
+    threads = torch.get_num_threads()
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_world(group))))
         for b in mine:
@@ -609,6 +610,7 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
     finally:
         reader.close()
         close_bar()
+        torch.set_num_threads(threads)  # callers (a training process) keep their setting
     error = group.first_error(error)
     all_storage = group.gather_dicts(storage) if not error else None
     all_digests = group.gather_dicts(digests) if not error else None
