@@ -135,9 +135,7 @@ def _merge_key(key: str, optimizer: str, dtype: torch.dtype) -> bool:
     role = optimizer_role(key)
     if role is None or role == "param":
         return True  # model weights and the fp32 master copy must move together (see README)
-    if role == "moment":
-        return optimizer == "average"
-    return optimizer == "average"
+    return optimizer == "average"  # moments and other optimizer state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,14 +168,13 @@ def load_input(path: Path) -> InputCheckpoint:
     if backend != "torch_dist":
         raise PMAError(f"{path}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
     md = dcp.read_metadata(path)
+    _check_files(path, md)
+    state = read_common_state(path, md)  # unreadable common state fails here, before any output exists
     iteration = iteration_from_name(path)
     if iteration is None:
-        state = read_common_state(path, md)
         iteration = state.get("iteration") if state else None
         if not isinstance(iteration, int):
             raise PMAError(f"{path}: cannot tell its iteration (name it iter_XXXXXXX)")
-    _check_files(path, md)
-    read_common_state(path, md)  # unreadable common state fails here, before any output exists
     return InputCheckpoint(path, iteration, md)
 
 

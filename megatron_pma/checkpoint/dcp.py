@@ -22,9 +22,7 @@ import torch
 from megatron_pma.checkpoint.dcp_types import (
     BytesStorageMetadata,
     Metadata,
-    MetadataIndex,
     StorageInfo,
-    TensorStorageMetadata,
 )
 
 from megatron_pma.errors import PMAError
@@ -82,10 +80,6 @@ class TensorLocation:
     dtype: torch.dtype
     shape: tuple[int, ...]
     contiguous: bool     # bytes are exactly the row-major tensor (no strides/offset games)
-
-
-def chunk_index(key: str, offsets) -> MetadataIndex:
-    return MetadataIndex(key, tuple(offsets))
 
 
 class _Range(io.RawIOBase):
@@ -231,10 +225,6 @@ def read_bytes(path: str, start: int, length: int) -> bytes:
     if len(data) != length:
         raise PMAError(f"{path}: truncated (wanted {length} bytes at {start}, got {len(data)})")
     return data
-
-
-def tensor_entries(md: Metadata) -> dict[str, TensorStorageMetadata]:
-    return {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
 def bytes_entries(md: Metadata) -> list[str]:

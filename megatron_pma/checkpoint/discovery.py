@@ -47,11 +47,6 @@ def read_tracker(save_dir: Path) -> int | str | None:
         raise PMAError(f"{path}: not an iteration number or 'release': {text[:40]!r}") from None
 
 
-def is_save_dir(path: Path) -> bool:
-    path = Path(path)
-    return (path / TRACKER).is_file() or any(ITER_DIR.match(p.name) for p in path.iterdir() if p.is_dir())
-
-
 def list_checkpoints(save_dir: Path, *, up_to_tracker: bool = True) -> list[tuple[int, Path]]:
     """Complete checkpoints of a save dir, oldest first.
 
