@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     }
     print(f"step time  OFF mean {res['off_mean_ms']:.2f} ms (median {res['off_median_ms']:.2f})  |  "
           f"ON mean {res['on_mean_ms']:.2f} ms (median {res['on_median_ms']:.2f})")
-    print(f"ON/OFF per block pair: " + ", ".join(f"{r:.3f}" for r in ratios))
+    print("ON/OFF per block pair: " + ", ".join(f"{r:.3f}" for r in ratios))
     if res["mean_ratio"] is not None:
         print(f"mean ratio ON/OFF = {res['mean_ratio']:.4f}  -> hook overhead {100 * (res['mean_ratio'] - 1):+.2f} % "
               f"(median-based {100 * (res['median_ratio_of_medians'] - 1):+.2f} %; target <= +2 %)")

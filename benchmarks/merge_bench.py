@@ -1,42 +1,59 @@
 """Merge throughput and memory vs the I/O floor and a naive full-load DCP merge (not a test).
 
-    python benchmarks/merge_bench.py [--gib 1.0] [--k 4] [--dtype fp32] [--workdir DIR]
+    python benchmarks/merge_bench.py [--layout synthetic|gpt-tp2|both] [--size-gib 1.0] [--k 4]
+        [--dtype fp32|bf16] [--cache /tmp/pma-bench-cache] [--repeat 1] [--skip-naive] [--rebuild]
 
-Builds k synthetic checkpoints of ~GIB each with a GPT-like torch_dist layout (stacked layer
-keys, TP=2-style chunks, embedding/output, byte objects, metadata.json + common.pt), then, in the
-same run and with a warm page cache:
-  floor   read every input byte (cat > /dev/null) + write the output bytes (with fsync)
+Layouts (k checkpoints of >= SIZE GiB each, cached under --cache so reruns reuse them):
+  synthetic  plain DCP saves (one process) with GPT key names: stacked [layers, ...] layer keys,
+             each key one chunk, embedding/output, a byte object, metadata.json + common.pt;
+             hidden 1024, vocab 32768 (below 0.5 GiB: 512, 8192), layers chosen to reach SIZE
+  gpt-tp2    real Megatron-Core GPTModel saves: tests/fixtures/save_gpt_checkpoints.py under
+             torchrun, TP=2 (gloo, CPU), one AdamW step between saves (the k inputs differ);
+             hidden 1024, 16 heads, FFN 4096, vocab 32768, layers chosen to reach SIZE
+             (below 0.5 GiB: hidden 512, FFN 2048, vocab 8192)
+For each layout, in the same run and with a warm page cache (best of --repeat rounds):
+  floor   read every input byte (cat > /dev/null) + write one checkpoint's bytes (then fsync it)
+  import  python -c 'import torch' (every merge process pays it)
   ours/1  `python -m megatron_pma merge` with one process
-  ours/2  the same under torchrun --nproc_per_node 2
-  naive   plain DCP: load every input's full state dict, average, dcp.save
-and prints wall seconds, peak RSS per process, and ratios to the floor.
+  ours/2  the same under torchrun --nproc_per_node 2 (the outputs of 1 and 2 must be identical)
+  naive   plain DCP: load every input's full state dict, average in fp32, dcp.save (one round)
+and prints wall seconds end to end, the engine's own seconds (pma_provenance.json: after process
+start-up and imports), ratios to the floor, peak RSS per process and the bound
+512 MiB + 2 x the largest chunk.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SAVER = REPO / "tests" / "fixtures" / "save_gpt_checkpoints.py"
+ITEMSIZE = {"fp32": 4, "bf16": 2}
+SEQ = 32  # tests/fixtures/gpt_common.SEQ (learned position embeddings)
+GIB, MIB = 2**30, 2**20
 
 
-def build_inputs(root: Path, k: int, gib: float, dtype: str) -> list[Path]:
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def synthetic_inputs(root: Path, k: int, gib: float, dtype: str) -> dict:
     import torch
     import torch.distributed.checkpoint as dcp
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    itemsize = torch.empty((), dtype=dt).element_size()
-    hidden, vocab = 1024, 32768
+    hidden, vocab = (1024, 32768) if gib >= 0.5 else (512, 8192)
     per_layer = 12 * hidden * hidden  # qkv + proj + fc1 + fc2 (4x MLP)
-    layers = max(1, int((gib * 2**30 / itemsize - 2 * vocab * hidden) // per_layer))
-    dirs = []
+    layers = max(1, math.ceil((gib * GIB / ITEMSIZE[dtype] - 2 * vocab * hidden) / per_layer))
     for i in range(k):
         g = torch.Generator().manual_seed(i)
         sd = {
@@ -53,18 +70,116 @@ def build_inputs(root: Path, k: int, gib: float, dtype: str) -> list[Path]:
         dcp.save(sd, checkpoint_id=str(d), no_dist=True)
         (d / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
         torch.save({"iteration": (i + 1) * 1000}, d / "common.pt")
-        dirs.append(d)
         del sd
     (root / "latest_checkpointed_iteration.txt").write_text(str(k * 1000))
-    return dirs
+    return {"model": f"stacked layer keys, hidden {hidden}, {layers} layers, vocab {vocab}, one process"}
+
+
+def gpt_dims(gib: float, dtype: str) -> dict:
+    """GPT dimensions whose parameter bytes reach ``gib`` (local spec, untied embeddings)."""
+    if gib >= 0.5:
+        h, heads, ffn, vocab = 1024, 16, 4096, 32768
+    else:
+        h, heads, ffn, vocab = 512, 8, 2048, 8192
+    per_layer = 4 * h * h + 2 * ffn * h + 9 * h + ffn  # qkv, proj, fc1, fc2 + biases + 2 layernorms
+    fixed = 2 * vocab * h + SEQ * h + 2 * h  # word + output embeddings, positions, final layernorm
+    layers = max(1, math.ceil((gib * GIB / ITEMSIZE[dtype] - fixed) / per_layer))
+    return {"hidden": h, "heads": heads, "ffn": ffn, "vocab": vocab, "num_layers": layers,
+            "params": fixed + layers * per_layer}
+
+
+def gpt_tp2_inputs(root: Path, k: int, gib: float, dtype: str) -> dict:
+    dims = gpt_dims(gib, dtype)
+    iterations = ",".join(str((i + 1) * 1000) for i in range(k))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SAVER),
+           "--save-dir", str(root), "--tp", "2", "--iterations", iterations, "--max-steps-per-save", "1",
+           "--dtype", dtype, "--optimizer", "none",
+           *(f"--{name.replace('_', '-')}={dims[name]}" for name in ("num_layers", "hidden", "heads", "ffn", "vocab"))]
+    out = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stdout[-6000:]}")
+    return {"model": (f"GPTModel hidden {dims['hidden']}, {dims['num_layers']} layers, FFN {dims['ffn']}, "
+                      f"vocab {dims['vocab']}, {dims['params'] / 1e6:.0f} M params, TP=2, one AdamW step between saves")}
+
+
+BUILDERS = {"synthetic": synthetic_inputs, "gpt-tp2": gpt_tp2_inputs}
 
 
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def cached_inputs(cache: Path, layout: str, k: int, gib: float, dtype: str, rebuild: bool,
+                  max_gib: float, keep: set[str]) -> tuple[list[Path], dict]:
+    """The k input checkpoints of one layout, built once under ``cache``; returns (dirs, info)."""
+    name = f"{layout}-{dtype}-{gib:g}gib-k{k}"
+    entry = cache / name
+    marker = entry / "bench.json"
+    if rebuild or not marker.exists():
+        shutil.rmtree(entry, ignore_errors=True)
+        _make_room(cache, need=k * gib * GIB * 1.05 + 2 * gib * GIB, max_gib=max_gib, keep=keep | {name})
+        tmp = cache / f".{name}.building"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t = time.perf_counter()
+        info = BUILDERS[layout](tmp, k, gib, dtype)
+        info["build_s"] = round(time.perf_counter() - t, 1)
+        (tmp / "bench.json").write_text(json.dumps(info))
+        tmp.rename(entry)
+        print(f"[{layout}] built {k} checkpoints in {info['build_s']:.0f} s -> {entry}", flush=True)
+    else:
+        print(f"[{layout}] reusing {entry}", flush=True)
+    os.utime(marker)  # least recently used entries are evicted first
+    dirs = sorted(entry.glob("iter_*"))
+    if len(dirs) != k:
+        raise SystemExit(f"{entry}: expected {k} checkpoints, found {len(dirs)} (rerun with --rebuild)")
+    return dirs, json.loads(marker.read_text())
+
+
+def _make_room(cache: Path, need: float, max_gib: float, keep: set[str]) -> None:
+    """Evict least recently used cache entries (not in ``keep``) until ``need`` more bytes fit."""
+    cache.mkdir(parents=True, exist_ok=True)
+    entries = sorted((p for p in cache.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    used = sum(du(p) for p in entries)
+    for p in entries:
+        if used + need <= max_gib * GIB:
+            break
+        if p.name in keep:
+            continue
+        used -= du(p)
+        print(f"evicting {p} (cache limit {max_gib:g} GiB)", flush=True)
+        shutil.rmtree(p)
+    if used + need > max_gib * GIB:
+        raise SystemExit(f"{cache}: {used / GIB:.1f} GiB used + {need / GIB:.1f} GiB needed > --cache-max-gib "
+                         f"{max_gib:g}")
+
+
+def chunk_stats(ckpt: Path) -> tuple[int, int, int]:
+    """(largest chunk bytes, number of tensor chunks, number of data files) of one checkpoint."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(str(ckpt)).read_metadata()
+    largest, chunks = 0, 0
+    for v in md.state_dict_metadata.values():
+        if isinstance(v, TensorStorageMetadata):
+            itemsize = torch.empty((), dtype=v.properties.dtype).element_size()
+            for c in v.chunks:
+                chunks += 1
+                largest = max(largest, math.prod(c.sizes) * itemsize)
+    files = len({s.relative_path for s in md.storage_data.values()})
+    return largest, chunks, files
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
 def timed(cmd: list[str], env=None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of the largest process the command ran."""
+    """Wall seconds, and peak RSS (MiB) of the largest process the command ran."""
     wrapper = ("import resource,subprocess,sys,time;t=time.perf_counter();"
                "r=subprocess.run(sys.argv[1:]);w=time.perf_counter()-t;"
                "print(w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024);sys.exit(r.returncode)")
@@ -97,62 +212,139 @@ dcp.save({k: v.to(dtypes[k]) for k, v in acc.items()}, checkpoint_id=out, no_dis
 """
 
 
+def data_files(dirs: list[Path]) -> list[str]:
+    return [str(f) for d in dirs for f in sorted(d.iterdir()) if f.is_file()]
+
+
+def same_output(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir() if p.name.endswith(".distcp") or p.name == ".metadata")
+    return names == sorted(p.name for p in b.iterdir() if p.name.endswith(".distcp") or p.name == ".metadata") \
+        and all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
+def bench_layout(layout: str, inputs: list[Path], info: dict, work: Path, args) -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR")
+    files = data_files(inputs)
+    in_bytes = sum(os.path.getsize(f) for f in files)
+    out_bytes = du(inputs[-1])
+    largest, chunks, nfiles = chunk_stats(inputs[-1])
+    bound = 512 + 2 * largest / MIB
+    print(f"[{layout}] k={len(inputs)} x {in_bytes / len(inputs) / GIB:.2f} GiB {args.dtype}: {info['model']}; "
+          f"{chunks} chunks in {nfiles} files, largest chunk {largest / MIB:.0f} MiB", flush=True)
+    for _ in range(2):  # warm the page cache
+        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+
+    def ours(nproc: int) -> tuple[float, float, float]:
+        out = work / f"out{nproc}"
+        shutil.rmtree(out, ignore_errors=True)
+        merge = ["-m", "megatron_pma", "merge", *map(str, inputs), "--output", str(out), "--quiet"]
+        cmd = [sys.executable, *merge] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *merge]
+        wall, rss = timed(cmd, env)
+        engine = json.loads((out / "pma_provenance.json").read_text())["seconds"]
+        return wall, rss, engine
+
+    best: dict[str, tuple] = {}
+
+    def keep_best(name, value):
+        best[name] = value if name not in best else tuple(min(a, b) for a, b in zip(best[name], value))
+
+    floor_file = work / "floor.bin"
+    ours(1), ours(2)  # warm-up (imports, the outputs' directory)
+    for r in range(args.repeat):
+        read_s, _ = timed(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
+        write_s, _ = timed(["sh", "-c", f"head -c {out_bytes} /dev/zero > {floor_file} && sync {floor_file}"])
+        floor_file.unlink()
+        keep_best("floor", (read_s + write_s, read_s, write_s))
+        keep_best("import", timed([sys.executable, "-c", "import torch"]))
+        for nproc in (1, 2):
+            keep_best(f"ours{nproc}", ours(nproc))
+        if r == 0 and not same_output(work / "out1", work / "out2"):
+            raise SystemExit(f"[{layout}] 1 and 2 processes wrote different bytes ({work}/out1 vs out2)")
+        print(f"[{layout}] round {r + 1}/{args.repeat}: floor {read_s + write_s:.2f} s, "
+              f"ours/1 {best['ours1'][0]:.2f} s, ours/2 {best['ours2'][0]:.2f} s (best so far)", flush=True)
+    merged_bytes = du(work / "out1")
+    for nproc in (1, 2):
+        shutil.rmtree(work / f"out{nproc}")
+    if not args.skip_naive:
+        shutil.rmtree(work / "naive", ignore_errors=True)
+        best["naive"] = timed([sys.executable, "-c", NAIVE, *map(str, inputs), str(work / "naive")], env)
+        shutil.rmtree(work / "naive")
+    return dict(best=best, in_bytes=in_bytes, out_bytes=out_bytes, merged_bytes=merged_bytes,
+                largest=largest, bound=bound, chunks=chunks, nfiles=nfiles, k=len(inputs))
+
+
+def report(layout: str, res: dict, args) -> None:
+    b = res["best"]
+    floor, read_s, write_s = b["floor"]
+    imp, imp_rss = b["import"]
+    print(f"\n== {layout}: k={res['k']} x {res['in_bytes'] / res['k'] / GIB:.2f} GiB {args.dtype}, "
+          f"largest chunk {res['largest'] / MIB:.0f} MiB; best of {args.repeat} round(s), warm page cache ==")
+    head = (f"{'':42s} {'wall s':>7s} {'x floor':>8s} {'x(fl+imp)':>9s} {'engine s':>9s} {'eng x fl':>9s} "
+            f"{'RSS MiB/proc':>13s} {'bound MiB':>10s}")
+    print(head)
+
+    def row(name, wall, rss=None, engine=None, bound=None):
+        cells = [f"{name:42s}", f"{wall:7.2f}", f"{wall / floor:8.2f}",
+                 f"{wall / (floor + imp):9.2f}" if engine is not None else f"{'':9s}",
+                 f"{engine:9.2f}" if engine is not None else f"{'':9s}",
+                 f"{engine / floor:9.2f}" if engine is not None else f"{'':9s}",
+                 f"{rss:13.0f}" if rss is not None else f"{'':13s}",
+                 f"{bound:10.0f}" if bound is not None else ""]
+        print(" ".join(cells))
+
+    row(f"I/O floor (read {read_s:.2f} + write {write_s:.2f})", floor)
+    row("python -c 'import torch'", imp, imp_rss)
+    for nproc in (1, 2):
+        wall, rss, engine = b[f"ours{nproc}"]
+        row(f"megatron-pma merge, {nproc} process{'es (torchrun)' if nproc > 1 else ''}", wall, rss, engine,
+            res["bound"])
+    if "naive" in b:
+        row("naive full-load DCP merge", *b["naive"])
+    (w1, r1, e1), (w2, r2, e2) = b["ours1"], b["ours2"]
+    ok = lambda c: "yes" if c else "NO"  # noqa: E731
+    print(f"input {res['in_bytes'] / GIB:.2f} GiB in {res['k'] * res['nfiles']} files, merged output "
+          f"{res['merged_bytes'] / GIB:.2f} GiB; 1 and 2 processes wrote identical bytes")
+    print(f"targets: wall <= 1.5x floor: 1 proc {w1 / floor:.2f}x end to end ({ok(w1 <= 1.5 * floor)}), "
+          f"{e1 / floor:.2f}x engine ({ok(e1 <= 1.5 * floor)}); "
+          f"peak RSS <= {res['bound']:.0f} MiB: {r1:.0f} / {r2:.0f} MiB ({ok(max(r1, r2) <= res['bound'])}); "
+          f"2 procs vs 1: {w1 / w2:.2f}x end to end, {e1 / e2:.2f}x engine ({ok(e1 / e2 >= 1.6)} for >= 1.6x)")
+    if "naive" in b:
+        print(f"naive vs ours/1: {b['naive'][0] / w1:.2f}x the time, {b['naive'][1] / r1:.2f}x the memory")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--layout", choices=["synthetic", "gpt-tp2", "both"], default="both")
+    ap.add_argument("--size-gib", "--gib", dest="gib", type=float, default=1.0,
+                    help="minimum size of each input checkpoint (default 1.0)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/pma-bench-cache"),
+                    help="where inputs are built once and reused (outputs are written here too, then removed)")
+    ap.add_argument("--cache-max-gib", type=float, default=12.0,
+                    help="evict least recently used cached inputs to stay under this (default 12)")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the cached inputs")
+    ap.add_argument("--repeat", type=int, default=1, help="measurement rounds; the best is reported")
     ap.add_argument("--skip-naive", action="store_true")
     args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="pma-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    layouts = ["synthetic", "gpt-tp2"] if args.layout == "both" else [args.layout]
+    cache = args.cache.resolve()
+    names = {f"{lay}-{args.dtype}-{args.gib:g}gib-k{args.k}" for lay in layouts}
+    work = cache / f"work-{os.getpid()}"
+    results = {}
     try:
-        t = time.perf_counter()
-        inputs = build_inputs(work / "save", args.k, args.gib, args.dtype)
-        in_bytes = sum(du(d) for d in inputs)
-        print(f"built {args.k} x {in_bytes / args.k / 2**30:.2f} GiB ({args.dtype}) in {time.perf_counter() - t:.0f} s")
-        # warm the page cache, then the I/O floor: read everything, write one checkpoint's bytes
-        subprocess.run(["cat", *[str(f) for d in inputs for f in d.iterdir()]], stdout=subprocess.DEVNULL)
-        read_s, _ = timed(["sh", "-c", "cat " + " ".join(str(f) for d in inputs for f in d.iterdir()) + " > /dev/null"])
-        out_bytes = du(inputs[-1])
-        write_s, _ = timed(["sh", "-c", f"head -c {out_bytes} /dev/zero > {work}/floor.bin && sync -f {work}/floor.bin"])
-        import_s, import_rss = timed([sys.executable, "-c", "import torch"])
-        floor = read_s + write_s
-        rows = [("I/O floor (read all + write 1, fsync)", floor, None), ("python -c 'import torch'", import_s, import_rss)]
-
-        def ours(nproc: int):
-            out = work / f"out{nproc}"
-            shutil.rmtree(out, ignore_errors=True)
-            merge = ["-m", "megatron_pma", "merge", *map(str, inputs), "--output", str(out), "--quiet"]
-            cmd = [sys.executable, *merge] if nproc == 1 else [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *merge]
-            return timed(cmd, env)
-
-        engine = {}
-        for nproc in (1, 2):
-            ours(nproc)  # warm-up (page cache for outputs' directory, imports)
-            wall, rss = ours(nproc)
-            rows.append((f"megatron-pma merge, {nproc} process{'es' if nproc > 1 else ''}", wall, rss))
-            # the engine's own time (after imports and process start-up), from its provenance
-            engine[nproc] = json.loads((work / f"out{nproc}" / "pma_provenance.json").read_text())["seconds"]
-        if not args.skip_naive:
-            shutil.rmtree(work / "naive", ignore_errors=True)
-            wall, rss = timed([sys.executable, "-c", NAIVE, *map(str, inputs), str(work / "naive")], env)
-            rows.append(("naive full-load DCP merge", wall, rss))
-        print(f"\n{'':44s} {'wall s':>8s} {'x floor':>8s} {'x (floor+import)':>17s} {'peak RSS MiB':>13s}")
-        for name, wall, rss in rows:
-            print(f"{name:44s} {wall:8.2f} {wall / floor:8.2f} {wall / (floor + import_s):17.2f} "
-                  f"{'' if rss is None else f'{rss:13.0f}'}")
-        one = next(w for n, w, _ in rows if n.endswith("1 process"))
-        two = next(w for n, w, _ in rows if n.endswith("2 processes"))
-        print(f"\n2 processes vs 1: {one / two:.2f}x faster end to end, {engine[1] / engine[2]:.2f}x in the "
-              f"engine ({engine[1]:.2f} s vs {engine[2]:.2f} s, start-up excluded); engine vs floor "
-              f"{engine[1] / floor:.2f}x; input {in_bytes / 2**30:.2f} GiB, output {out_bytes / 2**30:.2f} GiB")
+        for layout in layouts:
+            inputs, info = cached_inputs(cache, layout, args.k, args.gib, args.dtype, args.rebuild,
+                                         args.cache_max_gib, names)
+            work.mkdir(parents=True, exist_ok=True)
+            results[layout] = bench_layout(layout, inputs, info, work, args)
     finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"\n{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end")
+    for layout, res in results.items():
+        report(layout, res, args)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except PMAError as e:
         print(f"megatron-pma {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # one a check above missed: still one line, naming the path
+        print(f"megatron-pma {args.command}: error: {e.filename or e}: permission denied", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"megatron-pma {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -24,7 +25,7 @@ from typing import Sequence
 import torch
 
 from megatron_pma import __version__, schedules
-from megatron_pma.checkpoint import dcp, dcp_types, integrity, publish
+from megatron_pma.checkpoint import dcp, dcp_types, integrity, nemo, publish
 from megatron_pma.checkpoint.dcp_types import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from megatron_pma.checkpoint.discovery import (
     ITER_DIR,
@@ -39,19 +40,26 @@ from megatron_pma.parallel import Group
 OPTIMIZER_MODES = ("drop", "average", "keep-last-moments")
 PROVENANCE_FILE = "pma_provenance.json"
 SLAB_ELEMENTS = 1 << 24  # 16 Mi elements: 64 MiB of fp32 accumulator per process
+_CHAINED = re.compile(r"^chained_\d+\.")
+_STATE_ROLES = {"fp32_param": "param", "param": "param", "exp_avg": "moment", "exp_avg_sq": "moment"}
 # Files we regenerate; everything else at the top of the newest input is copied verbatim.
 _REGENERATED = {dcp.METADATA_FILE, PROVENANCE_FILE, "integrity.json"}
 
 
 @dataclass
 class InputCheckpoint:
-    path: Path
+    path: Path                  # the torch_dist files (a NeMo 2 checkpoint's weights/)
     iteration: int
     metadata: Metadata
+    root: Path | None = None    # the NeMo 2 checkpoint dir, None for Megatron-LM
+
+    @property
+    def outer(self) -> Path:
+        return self.root or self.path
 
     @property
     def label(self) -> str:
-        return str(self.path)
+        return str(self.outer)
 
 
 @dataclass
@@ -84,6 +92,11 @@ class MergePlan:
     def newest(self) -> InputCheckpoint:
         return self.inputs[-1]
 
+    @property
+    def nemo(self) -> bool:
+        """NeMo 2 inputs: the output is one too (weights/ + the newest input's context/)."""
+        return self.newest.root is not None
+
     def files(self) -> list[list[Job]]:
         """Deterministic, balanced assignment of jobs to output files (largest first)."""
         buckets: list[list[Job]] = [[] for _ in range(self.num_files)]
@@ -114,11 +127,19 @@ class MergeResult:
 
 
 def optimizer_role(key: str) -> str | None:
-    """None for model state; "param" for fp32 main params; "moment" for Adam moments; "other"."""
+    """None for model state; "param" for fp32 main params; "moment" for Adam moments; "other".
+
+    The model key inside an optimizer key may carry a wrapper prefix (NeMo 2: ``module.``), and
+    a ChainedOptimizer of several optimizers (MoE: dense + expert) prefixes ``chained_<i>.``.
+    """
+    key = _CHAINED.sub("", key, count=1)
     if not key.startswith("optimizer."):
         return None
     parts = key.split(".")
-    if "fp32_param" in parts or parts[-1] == "param" or key.startswith("optimizer.state.param."):
+    if key.startswith("optimizer.state.") and len(parts) > 3:
+        # optimizer.state.<kind>.<model key>: only <kind> says what it is, whatever the model key
+        return _STATE_ROLES.get(parts[2], "other")
+    if "fp32_param" in parts or parts[-1] == "param":
         return "param"
     if "exp_avg" in parts or "exp_avg_sq" in parts or parts[-1] in ("exp_avg", "exp_avg_sq"):
         return "moment"
@@ -152,9 +173,12 @@ def load_input(path: Path) -> InputCheckpoint:
         raise PMAError(f"{path}: not a directory")
     if not os.access(path, os.R_OK | os.X_OK):
         raise PMAError(f"{path}: permission denied")
-    if any(p.name.startswith("mp_rank_") for p in path.iterdir()):
-        raise PMAError(f"{path}: legacy --ckpt-format torch checkpoint (mp_rank_*/); only torch_dist "
-                       "checkpoints can be merged (convert with Megatron's --ckpt-convert-format torch_dist)")
+    root = nemo.root_of(path)
+    if root is not None:  # NeMo 2: read weights/, name and marker belong to the outer dir
+        path = _nemo_weights(root)
+    if any(p.name.startswith("mp_rank_") for p in path.iterdir()):  # legacy_merge takes all-legacy sets
+        raise PMAError(f"{path}: mixed checkpoint formats: a legacy --ckpt-format torch checkpoint among "
+                       "torch_dist ones; merge checkpoints of one format")
     if not is_complete(path):
         raise PMAError(f"{path}: no {dcp.MEGATRON_METADATA_FILE} (incomplete save, or not a "
                        "Megatron dist checkpoint)")
@@ -170,12 +194,30 @@ def load_input(path: Path) -> InputCheckpoint:
     md = dcp.read_metadata(path)
     _check_files(path, md)
     state = read_common_state(path, md)  # unreadable common state fails here, before any output exists
+    if root is not None:
+        return InputCheckpoint(path, _nemo_step(root, state), md, root)
     iteration = iteration_from_name(path)
     if iteration is None:
         iteration = state.get("iteration") if state else None
         if not isinstance(iteration, int):
             raise PMAError(f"{path}: cannot tell its iteration (name it iter_XXXXXXX)")
     return InputCheckpoint(path, iteration, md)
+
+
+def _nemo_weights(root: Path) -> Path:
+    nemo.check_finished(root)
+    weights = root / nemo.WEIGHTS
+    if not weights.is_dir():
+        raise PMAError(f"{root}: NeMo 2 checkpoint without {nemo.WEIGHTS}/ (incomplete save?)")
+    return weights
+
+
+def _nemo_step(root: Path, state: dict | None) -> int:
+    """``step=N`` in the name, else ``iter_XXXXXXX`` (our outputs), else the saved global_step."""
+    for step in (nemo.step_from_name(root), iteration_from_name(root), nemo.step_from_state(state)):
+        if step is not None:
+            return step
+    raise PMAError(f"{root}: cannot tell its step (no step=N in the name, no global_step saved)")
 
 
 def _check_files(path: Path, md: Metadata) -> None:
@@ -259,7 +301,10 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
     paths = [Path(p) for p in inputs]
     seen: dict[Path, Path] = {}
     for p in paths:
-        real = p.resolve()
+        try:
+            real = (nemo.root_of(p) or p).resolve()  # a NeMo dir and its weights/ are one checkpoint
+        except PermissionError:
+            raise PMAError(f"{p}: permission denied") from None
         if real in seen:
             raise PMAError(f"{p}: the same checkpoint is given twice")
         seen[real] = p
@@ -267,6 +312,11 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
     for a, b in zip(loaded, loaded[1:]):
         if a.iteration == b.iteration:
             raise PMAError(f"{b.label}: duplicate iteration {b.iteration} (also {a.label})")
+    for c in loaded[:-1]:
+        if (c.root is None) != (loaded[-1].root is None):
+            kinds = ("NeMo 2", "Megatron-LM") if c.root is not None else ("Megatron-LM", "NeMo 2")
+            raise PMAError(f"{c.label}: a {kinds[0]} checkpoint, but {loaded[-1].label} is a "
+                           f"{kinds[1]} one; merge checkpoints of one run")
     w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize)
     kept = check_layout(loaded, optimizer)
     if verify_integrity:
@@ -362,7 +412,7 @@ def _merged_chunk(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: b
     fp32 = job.dtype == torch.float32
     # Distributed-optimizer buckets hold padding that Megatron leaves uninitialised (torch.empty):
     # junk there is harmless and must not fail the merge.
-    check = not allow_nonfinite and not job.key.startswith("optimizer.distributed.")
+    check = not allow_nonfinite and not _CHAINED.sub("", job.key).startswith("optimizer.distributed.")
     for first in range(0, numel, SLAB_ELEMENTS):
         n = min(SLAB_ELEMENTS, numel - first)
         a = out[first:first + n] if fp32 else scratch.get(torch.float32, n, "acc")
@@ -487,7 +537,7 @@ def _provenance(plan: MergePlan, alpha: float, output: Path, world: int, seconds
         "method": plan.method,
         "alpha": alpha if plan.method == "ema" else None,
         "optimizer": plan.optimizer,
-        "inputs": [{"path": str(c.path.resolve()), "iteration": c.iteration, "weight": w}
+        "inputs": [{"path": str(c.outer.resolve()), "iteration": c.iteration, "weight": w}
                    for c, w in zip(plan.inputs, plan.weights)],
         "iteration": plan.newest.iteration,
         "output": str(output),
@@ -515,8 +565,10 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
                       normalize: bool = False, optimizer: str = "drop", force: bool = False,
                       allow_nonfinite: bool = False, update_tracker: bool | None = None,
                       progress: bool = True, fsync: bool = True,
-                      num_files: int | None = None, verify_integrity: bool = False) -> MergeResult:
-    """Average Megatron ``torch_dist`` checkpoints of one run into a new checkpoint.
+                      num_files: int | None = None, verify_integrity: bool = False,
+                      threads: int | None = None) -> MergeResult:
+    """Average Megatron ``torch_dist`` checkpoints of one run into a new checkpoint (legacy
+    ``--ckpt-format torch`` ones go to :mod:`megatron_pma.legacy_merge`, same contract).
 
     Inputs are sorted oldest -> newest by iteration; ``method`` picks the weights (see
     :mod:`megatron_pma.schedules`). ``optimizer``: ``drop`` writes model state only (resume with
@@ -532,6 +584,8 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
     their ``integrity.json``; the output gets one whenever that is asked or the newest input
     has one (so Megatron's ``--verify-integrity`` loads it). Under ``torchrun``/``srun`` (or an
     initialised process group) the work is split over ranks; every rank gets the result.
+    ``threads``: torch intra-op threads while merging (default: the node's cores over its ranks;
+    a background merge next to training passes 1).
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -541,7 +595,7 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
                       normalize=normalize, optimizer=optimizer, force=force,
                       allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,
                       progress=progress and group.rank == 0, fsync=fsync, num_files=num_files,
-                      verify_integrity=verify_integrity)
+                      verify_integrity=verify_integrity, threads=threads)
     finally:
         group.close()
 
@@ -549,7 +603,7 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
 def _check_output(output: Path, plan: MergePlan, force: bool) -> None:
     real = output.resolve()
     for c in plan.inputs:
-        src = c.path.resolve()
+        src = c.outer.resolve()
         if real == src or src in real.parents:
             raise PMAError(f"{output}: output would overwrite or nest inside input {c.label}")
         if real in src.parents:
@@ -563,7 +617,15 @@ def _check_output(output: Path, plan: MergePlan, force: bool) -> None:
 
 
 def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, optimizer, force,
-           allow_nonfinite, update_tracker, progress, fsync, num_files, verify_integrity) -> MergeResult:
+           allow_nonfinite, update_tracker, progress, fsync, num_files, verify_integrity,
+           threads) -> MergeResult:
+    from megatron_pma import legacy_merge  # --ckpt-format torch: merged file by file
+
+    if legacy_merge.any_legacy(inputs):
+        return legacy_merge.merge(inputs, output, group, t0, method=method, alpha=alpha, weights=weights,
+                                  normalize=normalize, optimizer=optimizer, force=force,
+                                  allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,
+                                  progress=progress, fsync=fsync, threads=threads)
     plan = plan_merge(inputs, method=method, alpha=alpha, weights=weights, normalize=normalize,
                       optimizer=optimizer, num_files=num_files, verify_integrity=verify_integrity)
     manifest = verify_integrity or (plan.newest.path / integrity.INTEGRITY_FILE).exists()
@@ -572,10 +634,13 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
     _check_output(output, plan, force)
     staging = publish.Staging(output, group.broadcast(f"{os.getpid()}-{uuid.uuid4().hex[:8]}"))
     stage = staging.path
+    data = stage / nemo.WEIGHTS if plan.nemo else stage  # where the torch_dist files go
     error = None
     if group.rank == 0:
         try:
             staging.create()
+            if plan.nemo:
+                data.mkdir()
         except OSError as e:
             error = f"{output.parent}: cannot create the staging folder ({e.strerror})"
     error = group.first_error(error)
@@ -592,14 +657,14 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
     storage: dict = {}
     digests: dict = {}
     error = None
-    threads = torch.get_num_threads()
+    caller_threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_world(group))))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, _local_world(group))))
         for b in mine:
             name = f"__{b}_0.distcp"
-            storage.update(_write_file(plan, files[b], stage / name, reader, allow_nonfinite, update, fsync))
+            storage.update(_write_file(plan, files[b], data / name, reader, allow_nonfinite, update, fsync))
             if manifest:  # hash while the file is hot in the page cache, on the rank that wrote it
-                digests[name] = integrity.file_sha256(stage / name)
+                digests[name] = integrity.file_sha256(data / name)
     except PMAError as e:
         error = str(e)
     except Exception as e:  # keep ranks in step: report, then fail everywhere
@@ -607,20 +672,22 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
     finally:
         reader.close()
         close_bar()
-        torch.set_num_threads(threads)  # callers (a training process) keep their setting
+        torch.set_num_threads(caller_threads)  # callers (a training process) keep their setting
     error = group.first_error(error)
     all_storage = group.gather_dicts(storage) if not error else None
     all_digests = group.gather_dicts(digests) if not error else None
     if group.rank == 0:
         try:
             if error is None:
-                _write_metadata(plan, stage, all_storage)
-                _copy_common_files(plan.newest.path, stage)
+                _write_metadata(plan, data, all_storage)
+                _copy_common_files(plan.newest.path, data)
+                if plan.nemo:  # context/ (and anything else beside weights/) of the newest input
+                    nemo.copy_extras(plan.newest.root, stage)
                 seconds = time.perf_counter() - t0
                 publish.write_json(stage / PROVENANCE_FILE,
                                    _provenance(plan, alpha, output, group.world, seconds))
                 if manifest:
-                    integrity.write(stage, all_digests)
+                    integrity.write(data, all_digests)
                 publish.publish(staging, output, replace=force, fsync=fsync)
                 _maybe_update_tracker(output, plan.newest.iteration, update_tracker, fsync)
         except PMAError as e:
@@ -634,7 +701,7 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
         raise PMAError(error)
     return MergeResult(output, [c.iteration for c in plan.inputs], plan.weights,
                        time.perf_counter() - t0, sum(j.nbytes for j in plan.jobs),
-                       len(plan.kept_keys), [c.path for c in plan.inputs])
+                       len(plan.kept_keys), [c.outer for c in plan.inputs])
 
 
 def _local_world(group: Group) -> int:

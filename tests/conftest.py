@@ -18,6 +18,9 @@ gpt_bf16           TP=1, bf16 params, non-distributed optimizer (fp32 master par
 gpt_mcore014       as gpt_tp2, saved by megatron-core 0.14.0 (pip-installed at test
                    time into the cache; skipped when pip cannot fetch it)
 gpt_mcore0192      as gpt_tp2, saved by megatron-core 0.19.2 (idem)
+legacy_bf16        legacy --ckpt-format torch, TP=2, bf16, Float16 optimizer, 2 layers,
+                   saved by 0.19.2's Megatron-LM save_checkpoint (see legacy_factory.py)
+legacy_distopt     as legacy_bf16, distributed optimizer (distrib_optim.pt)
 =================  ==================================================================
 
 All: GPTModel, 4 layers, hidden 64, 4 heads, FFN 256, vocab 256, seq 32, seed 0.
@@ -111,6 +114,24 @@ def gpt_mcore0192(mcore_new_path):
     return ckpt_factory.cached_run(
         "gpt_mcore0192", **FIXTURE_RUNS["gpt_tp2"], megatron_path=str(mcore_new_path)
     )
+
+
+# ------------------------------------------- legacy --ckpt-format torch (real Megatron-LM save)
+@pytest.fixture(scope="session")
+def legacy_bf16(mcore_new_path):
+    """TP=2 legacy run (mp_rank_00/01/model_optim_rng.pt), bf16 + Float16 optimizer (fp32 main
+    params in ``optimizer/fp32_from_fp16_params``), saved by 0.19.2's Megatron-LM save_checkpoint."""
+    import legacy_factory
+
+    return legacy_factory.cached_legacy_run("legacy_bf16", mcore_new_path, optimizer="adam")
+
+
+@pytest.fixture(scope="session")
+def legacy_distopt(mcore_new_path):
+    """As legacy_bf16 with the distributed optimizer: ``distrib_optim.pt`` beside each rank file."""
+    import legacy_factory
+
+    return legacy_factory.cached_legacy_run("legacy_distopt", mcore_new_path, optimizer="dist")
 
 
 def pytest_terminal_summary(terminalreporter):

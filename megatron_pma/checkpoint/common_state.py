@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_pma.checkpoint import dcp
+from megatron_pma.checkpoint import dcp, legacy
 from megatron_pma.errors import PMAError
 
 
@@ -67,6 +67,9 @@ def read_common_state(ckpt_dir: Path, md=None) -> dict | None:
         if path.exists():
             state = _lenient_torch_load(str(path))
             return state if isinstance(state, dict) else None
+        if md is None and legacy.is_legacy_checkpoint(ckpt_dir):  # args etc. of the first rank file
+            path = legacy.rank_dirs(ckpt_dir)[0] / legacy.MODEL_FILE
+            return legacy.read_state(ckpt_dir)
         md = md if md is not None else dcp.read_metadata(ckpt_dir)
         key = next((k for k in dcp.bytes_entries(md) if k.startswith("common_state")), None)
         if key is None:
@@ -79,6 +82,8 @@ def read_common_state(ckpt_dir: Path, md=None) -> dict | None:
         return state if isinstance(state, dict) else None
     except PMAError:
         raise
+    except PermissionError as e:
+        raise PMAError(f"{e.filename or path}: permission denied") from None
     except Exception as e:
         raise PMAError(f"{path if path.exists() else ckpt_dir}: unreadable common state "
                        f"({type(e).__name__}: {e})") from None

@@ -1,7 +1,8 @@
 """Megatron-LM save directories: the tracker, ``iter_XXXXXXX`` folders, completeness.
 
 A checkpoint counts only once its ``metadata.json`` exists (Megatron writes it last), so a save
-still in flight is invisible here.
+still in flight is invisible here. A legacy ``--ckpt-format torch`` one (``mp_rank_*/``) counts once
+every rank file is finished and the tracker has reached its iteration.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 from pathlib import Path
 
 from megatron_pma import schedules
-from megatron_pma.checkpoint import dcp
+from megatron_pma.checkpoint import dcp, legacy, nemo
 from megatron_pma.checkpoint.common_state import consumed_tokens, read_common_state
 from megatron_pma.errors import PMAError
 
@@ -29,7 +30,22 @@ def iteration_from_name(path: Path) -> int | None:
 
 
 def is_complete(ckpt_dir: Path) -> bool:
-    return (Path(ckpt_dir) / dcp.MEGATRON_METADATA_FILE).is_file()
+    try:
+        if (Path(ckpt_dir) / dcp.MEGATRON_METADATA_FILE).is_file():
+            return True
+        return legacy.is_saved(Path(ckpt_dir)) and _tracker_reached(Path(ckpt_dir))
+    except PermissionError:  # cannot tell: never guess, never skip it silently
+        raise PMAError(f"{ckpt_dir}: permission denied") from None
+
+
+def _tracker_reached(ckpt_dir: Path) -> bool:
+    """A legacy (``--ckpt-format torch``) save has no completion marker: Megatron writes the
+    tracker once every rank has saved. A checkpoint dir with no tracker beside it is taken as is."""
+    tracker = read_tracker(ckpt_dir.parent)
+    iteration = iteration_from_name(ckpt_dir)
+    if not isinstance(tracker, int) or iteration is None:
+        return True
+    return iteration <= tracker
 
 
 def read_tracker(save_dir: Path) -> int | str | None:
@@ -39,6 +55,8 @@ def read_tracker(save_dir: Path) -> int | str | None:
         text = path.read_text().strip()
     except FileNotFoundError:
         return None
+    except PermissionError:
+        raise PMAError(f"{path if os.access(path.parent, os.X_OK) else path.parent}: permission denied") from None
     if text == "release":
         return "release"
     try:
@@ -51,15 +69,28 @@ def list_checkpoints(save_dir: Path, *, up_to_tracker: bool = True) -> list[tupl
     """Complete checkpoints of a save dir, oldest first.
 
     With ``up_to_tracker`` a checkpoint newer than the tracker is skipped: its save is not final.
+    A NeMo 2 ``checkpoints/`` dir (no tracker) lists its finished checkpoints by step instead.
     """
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         raise PMAError(f"{save_dir}: no such save directory")
+    if not (save_dir / TRACKER).exists() and nemo.is_save_dir(save_dir):
+        return nemo.list_checkpoints(save_dir)
     tracker = read_tracker(save_dir) if up_to_tracker else None
     found = []
-    for entry in os.scandir(save_dir):
+    try:
+        entries = list(os.scandir(save_dir))
+    except PermissionError:
+        raise PMAError(f"{save_dir}: permission denied") from None
+    for entry in entries:
         it = iteration_from_name(Path(entry.name))
-        if it is None or not entry.is_dir() or not is_complete(Path(entry.path)):
+        if it is None or not entry.is_dir():
+            continue
+        try:
+            complete = is_complete(nemo.dcp_dir(Path(entry.path)))
+        except PermissionError:
+            raise PMAError(f"{entry.path}: permission denied") from None
+        if not complete:
             continue
         if isinstance(tracker, int) and it > tracker:
             continue
@@ -80,13 +111,15 @@ def select_window(save_dir: Path, num_models: int, *, interval_iters: int | None
         raise PMAError(f"{Path(save_dir) / TRACKER}: names iteration {tracker}, but "
                        f"{iter_dir_name(tracker)} is missing or incomplete")
     if not ckpts:
-        raise PMAError(f"{save_dir}: no complete checkpoint (iter_XXXXXXX with metadata.json)")
+        raise PMAError(f"{save_dir}: no complete checkpoint (iter_XXXXXXX with metadata.json, or a "
+                       "finished NeMo 2 checkpoint with weights/metadata.json)")
     iterations = [it for it, _ in ckpts]
     tokens = None
     if interval_tokens is not None:
         tokens = []
         for it, path in ckpts:
-            t = consumed_tokens(None if tokens_per_iter else read_common_state(path), it, tokens_per_iter)
+            state = None if tokens_per_iter else read_common_state(nemo.dcp_dir(path))
+            t = consumed_tokens(state, it, tokens_per_iter)
             if t is None:
                 raise PMAError(f"{path}: cannot tell tokens per iteration (no args.seq_length / "
                                "global_batch_size); pass --tokens-per-iter")

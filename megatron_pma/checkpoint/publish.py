@@ -94,6 +94,14 @@ def remove_stale(output: Path) -> list[Path]:
     return removed
 
 
+def in_flight(output: Path) -> bool:
+    """A live merge (one whose owner still holds its staging lock) is building ``output``."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        return False
+    return any(_owner_alive(lock) for lock in output.parent.glob(f".{output.name}{STAGING_SUFFIX}-*.lock"))
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

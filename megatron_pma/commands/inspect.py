@@ -11,7 +11,7 @@ from megatron_pma.errors import PMAError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", type=Path, help="a checkpoint dir (iter_XXXXXXX) or a save dir")
+    p.add_argument("path", type=Path, help="a checkpoint dir (iter_XXXXXXX, NeMo 2 <name>) or a save dir (NeMo 2: checkpoints/)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--keys", action="store_true", help="list every key (default: a summary)")
 
@@ -21,9 +21,13 @@ def describe_checkpoint(path: Path) -> dict:
 
     from megatron_pma.checkpoint.common_state import consumed_tokens, read_common_state
     from megatron_pma.merge import load_input, optimizer_role
+    from megatron_pma import legacy_merge
 
+    if legacy_merge.any_legacy([path]):  # --ckpt-format torch: mp_rank_*/model_optim_rng.pt
+        return legacy_merge.describe(path)
     ckpt = load_input(path)
-    state = read_common_state(path, ckpt.metadata)
+    data = ckpt.path  # the torch_dist files (a NeMo 2 checkpoint's weights/)
+    state = read_common_state(data, ckpt.metadata)
     keys, total, files = [], 0, set()
     for key, entry in sorted(ckpt.metadata.state_dict_metadata.items()):
         if isinstance(entry, TensorStorageMetadata):
@@ -36,10 +40,11 @@ def describe_checkpoint(path: Path) -> dict:
     for info in ckpt.metadata.storage_data.values():
         files.add(info.relative_path)
     args = state.get("args") if state else None
-    meta = json.loads((path / "metadata.json").read_text())
+    meta = json.loads((data / "metadata.json").read_text())
+    kind = "NeMo 2 (weights/: torch_dist, " if ckpt.root is not None else "torch_dist ("
     return {
         "path": str(path),
-        "format": f"torch_dist (common state: {'common.pt' if (path / 'common.pt').exists() else 'inside DCP'})",
+        "format": f"{kind}common state: {'common.pt' if (data / 'common.pt').exists() else 'inside DCP'})",
         "metadata_json": meta,
         "iteration": ckpt.iteration,
         "tokens": consumed_tokens(state, ckpt.iteration),
@@ -53,12 +58,13 @@ def describe_checkpoint(path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_pma.checkpoint import nemo
     from megatron_pma.checkpoint.discovery import is_complete, list_checkpoints, read_tracker
 
     path = args.path
     if not path.exists():
         raise PMAError(f"{path}: no such file or directory")
-    if is_complete(path) or (path / ".metadata").exists():
+    if is_complete(path) or (path / ".metadata").exists() or nemo.root_of(path) is not None:
         infos = [describe_checkpoint(path)]
         tracker = None
     else:
@@ -73,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if tracker is not None:
         print(f"save dir {path}: tracker -> {tracker}, {len(infos)} complete checkpoints")
+    elif nemo.is_save_dir(path):  # -unfinished saves and -EMA copies are not listed
+        print(f"NeMo 2 checkpoints dir {path}: {len(infos)} finished checkpoints")
     for info in infos:
         model = [k for k in info["keys"] if k["role"] == "model"]
         print(f"{info['path']}: {info['format']}, iteration {info['iteration']}, tokens {info['tokens']}, "

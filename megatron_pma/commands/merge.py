@@ -13,7 +13,7 @@ from megatron_pma.errors import PMAError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="*", type=Path, help="checkpoint dirs (any order; sorted by iteration)")
-    p.add_argument("--save-dir", type=Path, help="pick the window from this Megatron save dir instead")
+    p.add_argument("--save-dir", type=Path, help="pick the window from this Megatron save dir (or NeMo 2 checkpoints/ dir) instead")
     p.add_argument("--up-to-iteration", type=int, default=None, help="window ends at or before this iteration")
     p.add_argument("--output", "-o", type=Path, required=True,
                    help="new checkpoint dir; named iter_XXXXXXX it also updates its parent's tracker")

@@ -90,6 +90,8 @@ class PMAHook:
             in-process on purpose). Called as ``merge_fn(inputs, output, method=..., alpha=...,
             weights=..., optimizer=..., progress=False)``.
         nice: niceness increment of the child process (0 to disable).
+        threads: torch intra-op threads of the child's merge (default 1: the engine would otherwise
+            take every core of the node, and the training's data loaders need them).
         timeout: seconds after which a child merge is killed and recorded as failed (None: no limit).
         python: interpreter for the child (default ``sys.executable``).
     """
@@ -111,6 +113,7 @@ class PMAHook:
         keep_last: Optional[int] = None,
         merge_fn: Union[str, Callable, None] = None,
         nice: int = 10,
+        threads: int = 1,
         timeout: Optional[float] = None,
         python: Optional[str] = None,
     ):
@@ -130,6 +133,7 @@ class PMAHook:
         self.keep_last = keep_last
         self.merge_fn = merge_fn if merge_fn is not None else DEFAULT_MERGE_FN
         self.nice = nice
+        self.threads = int(threads)
         self.timeout = timeout
         self.python = python or sys.executable
 
@@ -235,7 +239,9 @@ class PMAHook:
             "every": self.every,
             "output": str(self.output_root / f"iter_{iteration:07d}"),
             "merge_kwargs": {"method": self.method, "alpha": self.alpha, "weights": self.weights,
-                             "optimizer": self.optimizer},
+                             "optimizer": self.optimizer,
+                             # engine functions (given as "module:function") take threads too
+                             "threads": self.threads if isinstance(self.merge_fn, str) else None},
             "merge_fn": self.merge_fn if isinstance(self.merge_fn, str) else None,
             "nice": self.nice,
         }

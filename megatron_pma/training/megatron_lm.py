@@ -117,7 +117,7 @@ def parse_pma_args(tokens: list[str]) -> argparse.Namespace:
         try:
             ns.pma_weights = [float(w) for w in ns.pma_weights.split(",") if w.strip()]
         except ValueError:
-            raise SystemExit(f"megatron-pma: --pma-weights must be numbers separated by commas")
+            raise SystemExit("megatron-pma: --pma-weights must be numbers separated by commas")
         if len(ns.pma_weights) != ns.pma_num_models:
             raise SystemExit(
                 f"megatron-pma: --pma-weights has {len(ns.pma_weights)} values for "

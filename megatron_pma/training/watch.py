@@ -17,9 +17,21 @@ needs nothing from it but the save dir. Every ``--poll-interval`` seconds it loo
   while a merge runs are coalesced: the next poll merges the newest window only
   (``--backfill`` merges every window that has no output yet, oldest first).
 - Idempotent: a window whose output already exists is never merged again, so a restarted
-  watcher picks up where it left off. A merge that fails is logged and not retried by this
-  process.
+  watcher picks up where it left off; one whose merge is still running (the orphaned merge
+  child of a killed watcher holds its staging lock) is left to it, and merged anew only if
+  that merge dies (its staging folder is then removed). A merge that fails is logged and not
+  retried by this process.
 - One line per merge on stderr.
+
+NeMo 2: SAVE may be NeMo's ``<log_dir>/checkpoints`` dir (no tracker there). A checkpoint is
+final once its ``weights/metadata.json`` exists and NeMo's ``<ckpt>-unfinished`` marker is gone;
+its iteration is the ``step=N`` of its name; a ``-last`` copy of a step already present is
+ignored and ``-EMA`` copies are skipped. Each output is itself a NeMo 2 checkpoint
+(``weights/`` + the newest input's ``context/``) at ``SAVE/pma/iter_XXXXXXX``. That folder is
+invisible to NeMo's resume logic: ``AutoResume`` only considers ``checkpoints/*last`` and
+``*end`` dirs, ``ModelCheckpoint``'s top-k bookkeeping only dirs whose path names the monitored
+metric, and its startup cleanup only dirs with an ``-unfinished`` marker. Keep NeMo's
+``save_top_k=-1`` (or large): top-k rotation by val_loss deletes checkpoints the window needs.
 
 Each merge runs in a child process (its own session, niced). On SIGTERM or SIGINT the watcher
 stops polling; a merge in flight is terminated, its staging folder removed (the engine
@@ -32,14 +44,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 PREFIX = "megatron-pma watch"
 _RESULT = "PMA_WATCH_RESULT "
@@ -60,7 +70,7 @@ def log(msg: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_pma.cli_common import add_schedule_arguments
 
-    parser.add_argument("--save-dir", required=True, help="the training run's --save directory")
+    parser.add_argument("--save-dir", required=True, help="the training run's --save directory (or NeMo 2 <log_dir>/checkpoints)")
     parser.add_argument("--output-root", default=None,
                         help="where merges go, one iter_XXXXXXX each (default SAVE_DIR/pma)")
     parser.add_argument("--poll-interval", type=float, default=30.0,
@@ -86,8 +96,10 @@ def output_for(output_root: Path, iteration: int) -> Path:
 
 def merged(output_root: Path, iteration: int) -> bool:
     """The output of the window ending at ``iteration`` exists (published => complete)."""
+    from megatron_pma.checkpoint import discovery, nemo
+
     out = output_for(output_root, iteration)
-    return out.is_dir() and (out / "metadata.json").is_file()
+    return out.is_dir() and discovery.is_complete(nemo.dcp_dir(out))  # legacy outputs too
 
 
 def final_checkpoints(save_dir: Path, ignore_tracker: bool) -> list[tuple[int, Path]]:
@@ -96,7 +108,7 @@ def final_checkpoints(save_dir: Path, ignore_tracker: bool) -> list[tuple[int, P
 
     if not save_dir.is_dir():
         return []
-    if ignore_tracker:
+    if ignore_tracker or _is_nemo(save_dir):  # NeMo: no tracker; -unfinished markers say it
         return discovery.list_checkpoints(save_dir, up_to_tracker=False)
     tracker = discovery.read_tracker(save_dir)
     if tracker is None:
@@ -111,9 +123,22 @@ def plan_window(save_dir: Path, end: int, wkw: dict, ignore_tracker: bool) -> li
     from megatron_pma.errors import PMAError
 
     window = discovery.select_window(save_dir, up_to_iteration=end, **wkw)
-    if not window or discovery.iteration_from_name(Path(window[-1])) != end:
+    if not window or _iteration_of(Path(window[-1])) != end:
         raise PMAError(f"no window of {wkw.get('num_models')} checkpoints ends at iteration {end}")
     return [Path(p) for p in window]
+
+
+def _is_nemo(save_dir: Path) -> bool:
+    from megatron_pma.checkpoint import discovery, nemo
+
+    return not (save_dir / discovery.TRACKER).exists() and nemo.is_save_dir(save_dir)
+
+
+def _iteration_of(ckpt: Path) -> int | None:
+    from megatron_pma.checkpoint import discovery, nemo
+
+    it = discovery.iteration_from_name(ckpt)
+    return it if it is not None else nemo.step_of(ckpt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +163,7 @@ def _child_main(request_json: str) -> int:
     from megatron_pma.merge import merge_checkpoints
 
     try:
-        res = merge_checkpoints(req["inputs"], req["output"], progress=False, **req["kwargs"])
+        res = merge_checkpoints(req["inputs"], req["output"], progress=False, threads=1, **req["kwargs"])
     except PMAError as e:
         print(_RESULT + json.dumps({"error": str(e).splitlines()[0] if str(e) else "PMAError"}),
               flush=True)
@@ -193,17 +218,24 @@ class Watcher:
 
     def poll(self) -> int:
         """Merge what is pending; returns the number of failed merges."""
+        from megatron_pma.checkpoint import publish
         from megatron_pma.errors import PMAError
 
         failures = 0
         try:
             ends = self.pending()
-        except PMAError as e:  # e.g. a garbled tracker: wait for the next save to rewrite it
+        except (PMAError, PermissionError) as e:  # e.g. a garbled tracker: wait for the next save
             self._once(("bad", str(e)), f"cannot read {self.save_dir} yet: {e}")
             return 0
         for end in ends:
             if self.stop.is_set():
                 break
+            if publish.in_flight(output_for(self.output_root, end)):
+                # Another live merge builds this output (e.g. the child of a watcher that was
+                # killed, still running): let it finish; if it dies, a later poll merges.
+                self._once(("busy", end), f"iteration {end}: a merge into "
+                            f"{output_for(self.output_root, end)} is already running; waiting for it")
+                continue
             try:
                 window = plan_window(self.save_dir, end, self.wkw, self.ignore_tracker)
             except PMAError as e:

@@ -115,11 +115,10 @@ def _case_dangling_symlink(save, tmp, request):
     return [*save, link], "dangling symbolic link"
 
 
-def _case_legacy_format_mixed_in(save, tmp, request):
-    legacy = tmp / "legacy" / "iter_0000040"
-    (legacy / "mp_rank_00").mkdir(parents=True)
-    torch.save({"model": {"w": torch.zeros(2)}, "iteration": 40}, legacy / "mp_rank_00" / "model_optim_rng.pt")
-    return [*save, legacy], "legacy --ckpt-format torch"
+def _case_mixed_formats(save, tmp, request):
+    """A real legacy --ckpt-format torch checkpoint (Megatron-LM's save) among torch_dist ones."""
+    legacy = request.getfixturevalue("legacy_bf16")[2]
+    return [save[0], save[1], legacy], "mixed checkpoint formats"
 
 
 def _case_unreadable_common_state(save, tmp, request):
@@ -198,3 +197,97 @@ def test_disk_full_mid_write(save, tmp_path):
     assert "write failed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert list(out.parent.iterdir()) == []  # no output, no staging dir, no tracker
     assert tree_digest(tmp_path / "save") == before
+
+
+# ------------------------------------------------------------------------------ permission denied
+# Root bypasses file permissions (CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH), and CI runs as root. The
+# merge then runs as root without those two capabilities (dropped from the bounding set before exec,
+# so the new program never gets them): the owner's mode bits apply to it as to any user. Not root:
+# the mode bits already apply.
+
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _PR_CAPBSET_DROP = 1, 2, 24
+
+
+def _without_file_privileges():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _unprivileged_preexec(probe: Path):
+    """A preexec_fn under which ``probe`` (mode 000) cannot be read; skips where none exists."""
+    import subprocess
+    import sys
+
+    preexec = _without_file_privileges if os.geteuid() == 0 else None
+    probe.write_text("secret")
+    probe.chmod(0)
+    try:
+        r = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"], capture_output=True,
+                           text=True, preexec_fn=preexec)
+    except subprocess.SubprocessError as e:  # prctl refused (no CAP_SETPCAP)
+        pytest.skip(f"cannot drop the file-permission capabilities here: {e}")
+    finally:
+        probe.chmod(0o600)
+        probe.unlink()
+    if r.returncode == 0 or "PermissionError" not in r.stderr:
+        pytest.skip("file permissions are not enforced for this user here")
+    return preexec
+
+
+def _perm_distcp(save, out):
+    f = sorted(save[1].glob("*.distcp"))[1]
+    return [*save], [f], f"{f}: permission denied"
+
+
+def _perm_common_pt(save, out):
+    f = save[2] / "common.pt"
+    return [*save], [f], f"{f}: permission denied"
+
+
+def _perm_checkpoint_dir(save, out):
+    return [*save], [save[1]], f"{save[1]}: permission denied"
+
+
+def _perm_checkpoint_dir_in_save_dir(save, out):
+    return ["--save-dir", save[0].parent, "--num-models", "3"], [save[1]], f"{save[1]}: permission denied"
+
+
+def _perm_output_parent(save, out):
+    return [*save], [out.parent], f"{out.parent}: permission denied"
+
+
+def _perm_output_parent_save_dir(save, out):
+    return ["--save-dir", save[0].parent, "--num-models", "2"], [out.parent], f"{out.parent}: permission denied"
+
+
+PERM_CASES = {name[len("_perm_"):]: fn for name, fn in globals().items() if name.startswith("_perm_")}
+
+
+@pytest.mark.parametrize("case", sorted(PERM_CASES))
+def test_permission_denied(case, save, tmp_path):
+    """An unreadable .distcp / common.pt / checkpoint dir, an unwritable output parent: one line
+    naming the path and saying 'permission denied', exit 2, no output, inputs byte-identical."""
+    preexec = _unprivileged_preexec(tmp_path / "probe")
+    out = tmp_path / "out" / "iter_0000030"
+    out.parent.mkdir()
+    args, locked, message = PERM_CASES[case](save, out)
+    modes = {p: p.stat().st_mode for p in locked}
+    for p in locked:
+        p.chmod(0o555 if p == out.parent else 0)  # an output parent stays listable, not writable
+    try:
+        before = tree_digest(tmp_path / "save")
+        r = cli("merge", *args, "--output", out, "--quiet", preexec_fn=preexec)
+        after = tree_digest(tmp_path / "save")
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert after == before
+    assert list(out.parent.iterdir()) == []  # no output, no staging folder, no tracker

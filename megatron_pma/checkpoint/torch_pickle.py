@@ -1,0 +1,138 @@
+"""Load a ``torch.save`` file without importing the classes it pickles, and save it back exactly.
+
+Legacy Megatron checkpoints pickle Megatron objects (enums inside ``args``, ...). The merge must
+rewrite such a file without importing megatron, and Megatron must load the result as if it had
+written it. So a class outside a few safe packages loads as a stand-in that remembers how it was
+built (called, or ``__new__`` + state) and pickles back the same way under its original name, and
+every global is written back under the name it was read with. String identity is kept too (no
+interning of attribute names), so re-saving an unmodified file reproduces it byte for byte.
+Tensors are memory-mapped (``mmap=True``): loading costs the pickle only; writes to them stay
+private to this process (copy-on-write), the file is never modified.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import os
+import pickle
+import types
+from pathlib import Path
+
+import torch
+
+_SAFE_PACKAGES = {"torch", "collections", "argparse", "builtins", "numpy", "copyreg", "_codecs",
+                  "datetime", "pathlib", "enum", "types", "functools", "signal", "math"}
+
+
+class StandIn:
+    """An object of a class we did not import; pickles back to what was read."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__["_pma_new"] = args
+        return obj
+
+    def __init__(self, *args, **kwargs):  # only a REDUCE (a call of the class) runs this
+        self.__dict__["_pma_call"] = args
+
+    def __setstate__(self, state):
+        self.__dict__["_pma_state"] = state
+
+    def __reduce_ex__(self, protocol):
+        d = self.__dict__
+        state = d.get("_pma_state")
+        if "_pma_call" in d:
+            return type(self), d["_pma_call"], state
+        return copyreg.__newobj__, (type(self), *d.get("_pma_new", ())), state
+
+    def __repr__(self):
+        module, name = type(self)._pma_origin
+        args = self.__dict__.get("_pma_call", self.__dict__.get("_pma_new", ()))
+        return f"<{module}.{name}{args!r}>"
+
+
+def _load_build(self):
+    """pickle's BUILD without ``sys.intern`` on attribute names (keeps string identity)."""
+    state = self.stack.pop()
+    inst = self.stack[-1]
+    setstate = getattr(inst, "__setstate__", None)
+    if setstate is not None:
+        setstate(state)
+        return
+    slots = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slots = state
+    if state:
+        inst.__dict__.update(state)
+    for key, value in (slots or {}).items():
+        setattr(inst, key, value)
+
+
+class Codec:
+    """One pickle_module for torch.load / torch.save: what was loaded through it saves back alike."""
+
+    def __init__(self):
+        self._origins: dict[int, tuple[str, str]] = {}  # id(global) -> name it was read with
+        self._classes: dict[tuple[str, str], type] = {}
+        self._keep: list = []  # globals we hold an id of stay alive
+        unpickler = self._unpickler()
+        self.module = types.SimpleNamespace(Unpickler=unpickler, Pickler=self._pickler(),
+                                            load=lambda f, **kw: unpickler(f, **kw).load(),
+                                            __name__="pma_torch_pickle")
+
+    def _standin(self, module: str, name: str) -> type:
+        cls = self._classes.get((module, name))
+        if cls is None:
+            cls = type(name, (StandIn,), {"__module__": f"pma_standin.{module}", "_pma_origin": (module, name)})
+            self._classes[(module, name)] = cls
+        return cls
+
+    def _unpickler(self):
+        codec = self
+
+        class Unpickler(pickle._Unpickler):
+            dispatch = dict(pickle._Unpickler.dispatch)
+            dispatch[pickle.BUILD[0]] = _load_build
+
+            def find_class(self, module, name):
+                found = None
+                if module.split(".")[0] in _SAFE_PACKAGES:
+                    try:
+                        found = super().find_class(module, name)
+                    except (ImportError, AttributeError):
+                        found = None
+                if found is None:
+                    found = codec._standin(module, name)
+                if id(found) not in codec._origins:
+                    codec._origins[id(found)] = (module, name)
+                    codec._keep.append(found)
+                return found
+
+        return Unpickler
+
+    def _pickler(self):
+        origins = self._origins
+
+        class Pickler(pickle._Pickler):
+            def save_global(self, obj, name=None):
+                origin = origins.get(id(obj))
+                if origin is None:
+                    return super().save_global(obj, name)
+                self.write(pickle.GLOBAL + f"{origin[0]}\n{origin[1]}\n".encode("utf-8"))
+                self.memoize(obj)
+
+        return Pickler
+
+    def load(self, path: Path, mmap: bool = True):
+        return torch.load(os.fspath(path), map_location="cpu", mmap=mmap, weights_only=False,
+                          pickle_module=self.module)
+
+    def save(self, obj, path: Path) -> None:
+        # a path, not a file object: torch names the archive after the file, as Megatron's save did
+        torch.save(obj, os.fspath(path), pickle_module=self.module)
+
+
+def load(path: Path, mmap: bool = True):
+    """``(object, codec)``: save the object back with ``codec.save``."""
+    codec = Codec()
+    return codec.load(path, mmap=mmap), codec
