@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from megatron_pma.checkpoint import dcp_types
 from megatron_pma.checkpoint.dcp_types import (
     BytesStorageMetadata,
     Metadata,
@@ -52,6 +53,11 @@ class _MetadataUnpickler(pickle.Unpickler):
             return MCoreMetadataStandIn
         if module == _MCORE_MODULE and name == "MCoreSavePlan":
             return _MCoreSavePlanStandIn
+        if module.startswith("torch.distributed.checkpoint."):
+            # e.g. .planner (SavePlan, WriteItem: Megatron pickles its save plans in the metadata).
+            # Without this the package __init__ runs: its default_planner imports DTensor and
+            # sympy, ~0.7 s of every merge process's start-up.
+            return getattr(dcp_types._light_import(module), name)
         return super().find_class(module, name)
 
 
