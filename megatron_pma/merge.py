@@ -587,7 +587,7 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
                       allow_nonfinite: bool = False, update_tracker: bool | None = None,
                       progress: bool = True, fsync: bool = True,
                       num_files: int | None = None, verify_integrity: bool = False,
-                      threads: int | None = None) -> MergeResult:
+                      threads: int | None = None, workers: int = 1) -> MergeResult:
     """Average Megatron ``torch_dist`` checkpoints of one run into a new checkpoint (legacy
     ``--ckpt-format torch`` ones go to :mod:`megatron_pma.legacy_merge`, same contract).
 
@@ -605,13 +605,19 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
     their ``integrity.json``; the output gets one whenever that is asked or the newest input
     has one (so Megatron's ``--verify-integrity`` loads it). Under ``torchrun``/``srun`` (or an
     initialised process group) the work is split over ranks; every rank gets the result.
-    ``threads``: torch intra-op threads while merging (default: the node's cores over its ranks;
-    a background merge next to training passes 1).
+    ``threads``: torch intra-op threads per process while merging (default 1: the slabs are
+    cache-sized, more cores pay off as more processes). ``workers``: fork this many processes
+    (one gloo group, no launcher needed) and split the work over them, like torchrun would.
     """
     t0 = time.perf_counter()
     output = Path(output)
-    group = Group.from_env()
+    if workers < 1:
+        raise PMAError(f"--workers must be >= 1, got {workers}")
     try:
+        group = Group.forked(workers) if workers > 1 else Group.from_env()
+    except RuntimeError as e:
+        raise PMAError(str(e)) from None
+    try:  # every rank runs the merge; a forked worker process ends in group.close()
         return _merge(inputs, output, group, t0, method=method, alpha=alpha, weights=weights,
                       normalize=normalize, optimizer=optimizer, force=force,
                       allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,

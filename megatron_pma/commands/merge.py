@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-integrity", action="store_true",
                    help="check inputs against their integrity.json and write one for the output")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before publishing (faster, less durable)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="merge with this many processes on this node (forked; no torchrun needed)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
                                update_tracker=False if args.no_tracker else None,
                                progress=not args.quiet and sys.stderr.isatty(),
                                fsync=not args.no_fsync, verify_integrity=args.verify_integrity,
+                               workers=args.workers,
                                **schedule_kwargs(args))
     if int(os.environ.get("RANK", "0")) == 0:
         pairs = ", ".join(f"{it}:{w:.4g}" for it, w in zip(result.iterations, result.weights))

@@ -1,5 +1,6 @@
-"""SIGKILL a merge at random points (1 and 2 processes): never a visible partial output, the
-tracker never names an incomplete checkpoint, and a rerun succeeds.
+"""SIGKILL a merge at random points (1 process, 2 under torchrun, 2 forked with ``--workers``):
+never a visible partial output, the tracker never names an incomplete checkpoint, a rerun succeeds,
+and forked workers die with their parent.
 
 Inputs are synthetic torch_dist checkpoints (plain DCP + Megatron's metadata.json/common.pt) of a few
 tens of MiB, so that a kill lands mid-write often; the merge code path is the same as for GPT saves.
@@ -40,11 +41,17 @@ def synthetic_save(tmp_path_factory):
     return dirs
 
 
-def _start(nproc, inputs, out):
+MODES = ("one process", "torchrun x2", "--workers 2")
+
+
+def _start(mode, inputs, out):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     merge = ["-m", "megatron_pma", "merge", *map(str, inputs), "--output", str(out), "--quiet"]
-    cmd = [sys.executable, *merge] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *merge]
+    cmd = [sys.executable, *merge]
+    if mode == "torchrun x2":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *merge]
+    elif mode == "--workers 2":
+        cmd += ["--workers", "2"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
@@ -81,29 +88,36 @@ def test_sigkill_at_random_points(synthetic_save, tmp_path):
     reference = tmp_path / "reference" / "iter_0000300"
     reference.parent.mkdir()
     t0 = time.perf_counter()
-    p = _start(1, synthetic_save, reference)
+    p = _start(MODES[0], synthetic_save, reference)
     assert p.wait(timeout=300) == 0
     full = time.perf_counter() - t0
     expected = ckpt_factory.load_full_tensors(reference)
     rng = random.Random(0)
     outcomes = {"killed": 0, "finished": 0}
-    for trial in range(20):
-        nproc = 1 + trial % 2
+    for trial in range(21):
+        mode = MODES[trial % 3]
         out_root = tmp_path / f"t{trial}"
         out_root.mkdir()
-        p = _start(nproc, synthetic_save, out_root / "iter_0000300")
-        time.sleep(rng.uniform(0.3, full * (1.6 if nproc == 2 else 1.1)))
+        p = _start(mode, synthetic_save, out_root / "iter_0000300")
+        time.sleep(rng.uniform(0.3, full * (1.6 if mode == "torchrun x2" else 1.1)))
         if p.poll() is None:
-            _kill_tree(p)
+            if mode == "--workers 2":
+                workers = psutil.Process(p.pid).children()
+                p.kill()  # only the parent: its forked workers must die with it
+                _, alive = psutil.wait_procs(workers, timeout=10)
+                assert not alive, f"trial {trial}: forked workers outlived their parent"
+            else:
+                _kill_tree(p)
             outcomes["killed"] += 1
         else:
             outcomes["finished"] += 1
         p.wait()
         _check_consistent(out_root, expected)
         if trial % 5 == 0:  # a rerun after the kill succeeds and cleans the staging folder
-            p = _start(nproc, synthetic_save, out_root / "iter_0000300")
+            p = _start(mode, synthetic_save, out_root / "iter_0000300")
             if (out_root / "iter_0000300").exists():
-                assert p.wait(timeout=300) == 2  # refuses to overwrite without --force
+                # refuses to overwrite without --force (torchrun reports a failed worker as 1)
+                assert p.wait(timeout=300) == (1 if mode == "torchrun x2" else 2)
             else:
                 assert p.wait(timeout=300) == 0
             _check_consistent(out_root, expected)

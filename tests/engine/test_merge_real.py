@@ -139,6 +139,17 @@ def test_two_processes_write_the_same_bytes_as_one(gpt_tp2, tmp_path):
     assert json.loads((tmp_path / "two" / "pma_provenance.json").read_text())["processes"] == 2
 
 
+def test_forked_workers_write_the_same_bytes_as_one(gpt_tp2, tmp_path):
+    _merge(gpt_tp2, tmp_path / "one", "--method", "wma")
+    r = _merge(gpt_tp2, tmp_path / "three", "--method", "wma", "--workers", "3")
+    assert r.stdout.count("merged 3 checkpoints") == 1  # only the parent reports
+    one, three = _files(tmp_path / "one"), _files(tmp_path / "three")
+    assert one.keys() == three.keys() and len(one) > 3
+    for name in one:
+        assert one[name] == three[name], name
+    assert json.loads((tmp_path / "three" / "pma_provenance.json").read_text())["processes"] == 3
+
+
 def test_save_dir_window_tracker_and_inspect(gpt_tp2, tmp_path):
     save = tmp_path / "save"
     ckpt_factory.copy_run(gpt_tp2, save)
