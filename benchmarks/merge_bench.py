@@ -17,9 +17,10 @@ right before every timed command (the residency is checked with mincore and repo
   floor    read every input byte (cat > /dev/null) + write one checkpoint's bytes (then fsync it)
   import   python -c 'import torch' (every merge process pays it)
   ours/1   `python -m megatron_pma merge` with one process
+  workers  the same with --workers 2 (two processes forked by the merge itself)
   ours/2   the same under torchrun --nproc_per_node 2 (outputs of 1 and 2 must be identical)
   naive    plain DCP: load every input's full state dict, average in fp32, dcp.save (one round)
-  ours/1, ours/2 with --no-fsync: the CPU-bound case (nothing waits for the disk)
+  ours/1, --workers 2 with --no-fsync: the CPU-bound case (nothing waits for the disk)
 It prints wall seconds end to end, the engine's own seconds (pma_provenance.json: after process
 start-up and imports; torchrun's start-up dominates end to end on few cores), ratios to the
 floor, peak RSS per process and the bound 512 MiB + 2 x the largest chunk. Outputs are written
@@ -281,13 +282,17 @@ def bench_layout(layout: str, inputs: list[Path], info: dict, work: Path, args) 
           f"{chunks} chunks in {nfiles} files, largest chunk {largest / MIB:.0f} MiB", flush=True)
     resident: list = []
 
-    def ours(nproc: int, fsync: bool = True) -> tuple[float, float, float]:
-        out = work / f"out{nproc}"
+    def ours(nproc: int, fsync: bool = True, workers: bool = False) -> tuple[float, float, float]:
+        """nproc processes: forked by the merge itself (--workers) or started by torchrun."""
+        out = work / (f"outw{nproc}" if workers else f"out{nproc}")
         shutil.rmtree(out, ignore_errors=True)
         merge = ["-m", "megatron_pma", "merge", *map(str, inputs), "--output", str(out), "--quiet"]
         merge += [] if fsync else ["--no-fsync"]
-        cmd = [sys.executable, *merge] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                           "--standalone", f"--nproc_per_node={nproc}", *merge]
+        if workers:
+            cmd = [sys.executable, *merge, "--workers", str(nproc)]
+        else:
+            cmd = [sys.executable, *merge] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                               "--standalone", f"--nproc_per_node={nproc}", *merge]
         warm(files, resident)
         wall, rss = timed(cmd, env)
         engine = json.loads((out / "pma_provenance.json").read_text())["seconds"]
@@ -318,16 +323,18 @@ def bench_layout(layout: str, inputs: list[Path], info: dict, work: Path, args) 
         keep_best("import", timed([sys.executable, "-c", "import torch"]))
         for nproc in (1, 2):
             keep_best(f"ours{nproc}", ours(nproc))
-        if r == 0 and not same_output(work / "out1", work / "out2"):
-            raise SystemExit(f"[{layout}] 1 and 2 processes wrote different bytes ({work}/out1 vs out2)")
+        keep_best("workers2", ours(2, workers=True))
+        if r == 0 and not (same_output(work / "out1", work / "out2") and same_output(work / "out1", work / "outw2")):
+            raise SystemExit(f"[{layout}] 1 and 2 processes wrote different bytes ({work}/out1 vs out2, outw2)")
         if not args.skip_nofsync:  # CPU-bound: no waiting for the disk
-            for nproc in (1, 2):
-                keep_best(f"nofsync{nproc}", ours(nproc, fsync=False))
+            keep_best("nofsync1", ours(1, fsync=False))
+            keep_best("nofsync2", ours(2, fsync=False, workers=True))
         merged_bytes = du(work / "out1")
-        for nproc in (1, 2):  # keep the disk footprint to inputs + 2 outputs
-            shutil.rmtree(work / f"out{nproc}")
+        for name in ("out1", "out2", "outw2"):  # keep the disk footprint to inputs + 3 outputs
+            shutil.rmtree(work / name)
         print(f"[{layout}] round {r + 1}/{args.repeat}: floor {read_s + write_s:.2f} s, "
-              f"ours/1 {best['ours1'][0]:.2f} s, ours/2 {best['ours2'][0]:.2f} s (best so far)", flush=True)
+              f"ours/1 {best['ours1'][0]:.2f} s, ours/2 {best['ours2'][0]:.2f} s, "
+              f"--workers 2 {best['workers2'][0]:.2f} s (best so far)", flush=True)
     if not args.skip_naive:
         shutil.rmtree(work / "naive", ignore_errors=True)
         warm(files, resident)
@@ -359,29 +366,29 @@ def report(layout: str, res: dict, args) -> None:
 
     row(f"I/O floor (read {read_s:.2f} + write {write_s:.2f})", floor)
     row("python -c 'import torch'", imp, imp_rss)
-    for nproc in (1, 2):
-        wall, rss, engine = b[f"ours{nproc}"]
-        row(f"megatron-pma merge, {nproc} process{'es (torchrun)' if nproc > 1 else ''}", wall, rss, engine,
-            res["bound"])
+    for key, name in (("ours1", "1 process"), ("workers2", "--workers 2 (forked)"), ("ours2", "2 processes (torchrun)")):
+        wall, rss, engine = b[key]
+        row(f"megatron-pma merge, {name}", wall, rss, engine, res["bound"])
     if "naive" in b:
         row("naive full-load DCP merge", *b["naive"])
     for nproc in (1, 2):
         if f"nofsync{nproc}" in b:
             wall, rss, engine = b[f"nofsync{nproc}"]
-            row(f"  same, --no-fsync, {nproc} process{'es' if nproc > 1 else ''}", wall, rss, engine, res["bound"])
-    (w1, r1, e1), (w2, r2, e2) = b["ours1"], b["ours2"]
+            row(f"  same, --no-fsync, {'--workers 2' if nproc > 1 else '1 process'}", wall, rss, engine, res["bound"])
+    (w1, r1, e1), (w2, r2, e2), (wt, _, et) = b["ours1"], b["workers2"], b["ours2"]
     ok = lambda c: "yes" if c else "NO"  # noqa: E731
     cached = "unknown" if res["resident"] is None else f"{100 * res['resident']:.1f} %"
     print(f"input {res['in_bytes'] / GIB:.2f} GiB in {res['k'] * res['nfiles']} files (least resident in the page "
           f"cache before a timed run: {cached}), merged output {res['merged_bytes'] / GIB:.2f} GiB; "
-          f"1 and 2 processes wrote identical bytes")
+          f"1 and 2 processes (forked and torchrun) wrote identical bytes")
     print(f"targets: wall <= 1.5x floor: 1 proc {w1 / floor:.2f}x end to end ({ok(w1 <= 1.5 * floor)}), "
           f"{e1 / floor:.2f}x engine ({ok(e1 <= 1.5 * floor)}); "
           f"peak RSS <= {res['bound']:.0f} MiB: {r1:.0f} / {r2:.0f} MiB ({ok(max(r1, r2) <= res['bound'])}); "
-          f"2 procs vs 1: {w1 / w2:.2f}x end to end, {e1 / e2:.2f}x engine ({ok(e1 / e2 >= 1.6)} for >= 1.6x)")
+          f"--workers 2 vs 1: {w1 / w2:.2f}x end to end ({ok(w1 / w2 >= 1.6)} for >= 1.6x), {e1 / e2:.2f}x engine; "
+          f"torchrun x2 vs 1: {w1 / wt:.2f}x end to end, {e1 / et:.2f}x engine")
     if "nofsync1" in b:
         n1, n2 = b["nofsync1"][2], b["nofsync2"][2]
-        print(f"CPU-bound (--no-fsync, engine): 1 proc {n1:.2f} s, 2 procs {n2:.2f} s: {n1 / n2:.2f}x "
+        print(f"CPU-bound (--no-fsync, engine): 1 proc {n1:.2f} s, --workers 2 {n2:.2f} s: {n1 / n2:.2f}x "
               f"({ok(n1 / n2 >= 1.6)} for >= 1.6x)")
     if "naive" in b:
         print(f"naive vs ours/1: {b['naive'][0] / w1:.2f}x the time, {b['naive'][1] / r1:.2f}x the memory")

@@ -31,7 +31,7 @@ METHODS = ("last", "sma", "ema", "wma", "annealed")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short run: 1000 steps of 8 x 64 bytes, checkpoint "
-                        "every 20 (about a minute on an idle 2-core machine)")
+                        "every 20 (about 40 s on an idle 2-core machine)")
     parser.add_argument("--out", default="./pma-demo", help="output directory (default ./pma-demo)")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds (default 1); results are averaged")
     parser.add_argument("--train-iters", type=int, default=None, help="default 3000 (--quick: 1000)")
