@@ -24,7 +24,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
 import zipfile
@@ -34,7 +33,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from megatron_pma import __version__, schedules
+from megatron_pma import schedules
 from megatron_pma.checkpoint import legacy, publish, torch_pickle
 from megatron_pma.checkpoint.discovery import iteration_from_name
 from megatron_pma.errors import PMAError
@@ -454,28 +453,6 @@ def _copy_rest(plan: LegacyPlan, stage: Path) -> None:
         shutil.copy2(newest / rel, stage / rel, follow_symlinks=False)
 
 
-def _provenance(plan: LegacyPlan, alpha: float, output: Path, world: int, seconds: float,
-                tensors: int) -> dict:
-    return {
-        "tool": "megatron-pma",
-        "version": __version__,
-        "format": FORMAT,
-        "method": plan.method,
-        "alpha": alpha if plan.method == "ema" else None,
-        "optimizer": plan.optimizer,
-        "inputs": [{"path": str(c.path.resolve()), "iteration": c.iteration, "weight": w}
-                   for c, w in zip(plan.inputs, plan.weights)],
-        "iteration": plan.newest.iteration,
-        "output": str(output),
-        "files": len(plan.files),
-        "tensors_averaged": tensors,
-        "processes": world,
-        "seconds": round(seconds, 3),
-        "host": socket.gethostname(),
-        "created_unix": round(time.time(), 3),
-    }
-
-
 def merge(inputs, output: Path, group, t0: float, *, method, alpha, weights, normalize, optimizer,
           force, allow_nonfinite, update_tracker, progress, fsync, threads=None):
     """The legacy counterpart of ``merge._merge`` (same contract; ``num_files`` and
@@ -496,8 +473,9 @@ def merge(inputs, output: Path, group, t0: float, *, method, alpha, weights, nor
             if error is None:
                 _copy_rest(plan, staging.path)
                 publish.write_json(staging.path / engine.PROVENANCE_FILE,
-                                   _provenance(plan, alpha, output, group.world,
-                                               time.perf_counter() - t0, sum(all_counts.values())))
+                                   engine.provenance(plan, alpha, output, group.world, time.perf_counter() - t0,
+                                                     format=FORMAT, files=len(plan.files),
+                                                     tensors_averaged=sum(all_counts.values())))
                 publish.publish(staging, output, replace=force, fsync=fsync)
                 engine._maybe_update_tracker(output, plan.newest.iteration, update_tracker, fsync)
         except PMAError as e:

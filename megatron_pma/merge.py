@@ -551,10 +551,12 @@ def _copy_common_files(newest: Path, stage: Path) -> None:
             shutil.copy2(entry.path, target, follow_symlinks=False)
 
 
-def _provenance(plan: MergePlan, alpha: float, output: Path, world: int, seconds: float) -> dict:
+def provenance(plan, alpha: float, output: Path, world: int, seconds: float, **extra) -> dict:
+    """``pma_provenance.json`` of a merge plan (torch_dist or legacy): what was merged, how, by whom."""
     return {
         "tool": "megatron-pma",
         "version": __version__,
+        **{k: v for k, v in extra.items() if k == "format"},
         "method": plan.method,
         "alpha": alpha if plan.method == "ema" else None,
         "optimizer": plan.optimizer,
@@ -562,8 +564,7 @@ def _provenance(plan: MergePlan, alpha: float, output: Path, world: int, seconds
                    for c, w in zip(plan.inputs, plan.weights)],
         "iteration": plan.newest.iteration,
         "output": str(output),
-        "keys": len(plan.kept_keys),
-        "chunks": len(plan.jobs),
+        **{k: v for k, v in extra.items() if k != "format"},
         "processes": world,
         "seconds": round(seconds, 3),
         "host": socket.gethostname(),
@@ -717,7 +718,8 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
                     nemo.copy_extras(plan.newest.root, stage)
                 seconds = time.perf_counter() - t0
                 publish.write_json(stage / PROVENANCE_FILE,
-                                   _provenance(plan, alpha, output, group.world, seconds))
+                                   provenance(plan, alpha, output, group.world, seconds,
+                                              keys=len(plan.kept_keys), chunks=len(plan.jobs)))
                 if manifest:
                     integrity.write(data, all_digests)
                 publish.publish(staging, output, replace=force, fsync=fsync)

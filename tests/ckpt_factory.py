@@ -421,39 +421,48 @@ def _cache_tag(name: str, kwargs: dict) -> str:
     return f"{name}-{h.hexdigest()[:12]}"
 
 
-def cached_run(name: str, **kwargs) -> list[Path]:
-    """``make_run`` once per cache (see :func:`cache_root`); returns the cached checkpoint dirs.
+def build_cached(tag: str, build, name: str | None = None) -> Path:
+    """``build(tmp)`` once per cache entry ``tag``; returns the entry's folder.
 
-    Treat the returned directories as read-only (copy them with :func:`copy_run` before
-    modifying anything). Safe against concurrent pytest processes (a lock file per entry).
+    The build runs in a hidden temporary folder renamed into place when done, under a lock file
+    per entry (safe against concurrent pytest processes); every file it wrote is made read-only.
     """
     import fcntl
 
     root = cache_root()
-    tag = _cache_tag(name, kwargs)
     final = root / tag
-    marker = final / ".complete"
-    its = sorted(int(i) for i in kwargs.get("iterations", (10, 20, 30)))
     with open(root / f"{tag}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.exists():
+        if not (final / ".complete").exists():
             if final.exists():
                 shutil.rmtree(final)
             tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=root))
             t0 = time.perf_counter()
             c0 = _children_cpu()
             try:
-                make_run(tmp / "save", **kwargs)
+                build(tmp)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            BUILD_TIMES[name] = time.perf_counter() - t0
-            BUILD_CPU[name] = _children_cpu() - c0
-            for f in (tmp / "save").rglob("*"):
+            if name:
+                BUILD_TIMES[name] = time.perf_counter() - t0  # reported by conftest.py
+                BUILD_CPU[name] = _children_cpu() - c0
+            for f in tmp.rglob("*"):
                 if f.is_file():
                     f.chmod(0o444)  # inputs are never to be modified: make accidents loud
-            (tmp / ".complete").write_text(f"{BUILD_TIMES[name]:.2f}\n")
+            (tmp / ".complete").write_text(f"{time.perf_counter() - t0:.2f}\n")
             os.replace(tmp, final)
+    return final
+
+
+def cached_run(name: str, **kwargs) -> list[Path]:
+    """``make_run`` once per cache (see :func:`cache_root`); returns the cached checkpoint dirs.
+
+    Treat the returned directories as read-only (copy them with :func:`copy_run` before
+    modifying anything).
+    """
+    its = sorted(int(i) for i in kwargs.get("iterations", (10, 20, 30)))
+    final = build_cached(_cache_tag(name, kwargs), lambda tmp: make_run(tmp / "save", **kwargs), name)
     return [final / "save" / f"iter_{i:07d}" for i in its]
 
 

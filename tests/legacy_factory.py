@@ -11,13 +11,9 @@ arguments, the saver's sources and the torch version. Cached files are read-only
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
-import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -47,27 +43,12 @@ def _run(args: list[str], megatron_path) -> str:
 def cached_legacy_run(name: str, megatron_path, *, optimizer: str = "adam", dtype: str = "bf16") -> list[Path]:
     """A TP=2 save dir with iterations 10, 20, 30 (3 optimizer steps apart); its iter dirs."""
     kwargs = dict(optimizer=optimizer, dtype=dtype)
-    root = ckpt_factory.cache_root()
-    tag = _tag(name, kwargs, megatron_path)
-    final = root / tag
-    with open(root / f"{tag}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (final / ".complete").exists():
-            shutil.rmtree(final, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=root))
-            t0 = time.perf_counter()
-            try:
-                _run(["save", "--save-dir", str(tmp / "save"), "--tp", str(TP), "--optimizer", optimizer,
-                      "--dtype", dtype, "--iterations", ",".join(map(str, ITERATIONS))], megatron_path)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            ckpt_factory.BUILD_TIMES[name] = time.perf_counter() - t0  # reported by conftest.py
-            for f in (tmp / "save").rglob("*"):
-                if f.is_file():
-                    f.chmod(0o444)  # inputs are never to be modified: make accidents loud
-            (tmp / ".complete").write_text("ok\n")
-            os.replace(tmp, final)
+
+    def build(tmp: Path) -> None:
+        _run(["save", "--save-dir", str(tmp / "save"), "--tp", str(TP), "--optimizer", optimizer,
+              "--dtype", dtype, "--iterations", ",".join(map(str, ITERATIONS))], megatron_path)
+
+    final = ckpt_factory.build_cached(_tag(name, kwargs, megatron_path), build, name)
     return [final / "save" / f"iter_{i:07d}" for i in ITERATIONS]
 
 

@@ -10,10 +10,7 @@ read-only: copy the dir (``shutil.copytree``) before changing anything.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
-import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -51,24 +48,8 @@ def cached_nemo_run(name: str, *, tp: int = 2, steps=(10, 20, 30), last: bool = 
     (``last``) and a save whose ``-unfinished`` marker stayed (``unfinished``)."""
     kwargs = dict(tp=tp, steps=tuple(steps), last=last, unfinished=unfinished,
                   optimizer=optimizer, num_layers=num_layers)
-    root = ckpt_factory.cache_root()
-    tag = _tag(name, kwargs)
-    final = root / tag
-    with open(root / f"{tag}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (final / ".complete").exists():
-            shutil.rmtree(final, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=root))
-            try:
-                ckpt_factory._torchrun(SCRIPT, tp, _save_args(tmp / "checkpoints", **kwargs))
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            for f in (tmp / "checkpoints").rglob("*"):
-                if f.is_file():
-                    f.chmod(0o444)
-            (tmp / ".complete").write_text("ok\n")
-            os.replace(tmp, final)
+    build = lambda tmp: ckpt_factory._torchrun(SCRIPT, tp, _save_args(tmp / "checkpoints", **kwargs))  # noqa: E731
+    final = ckpt_factory.build_cached(_tag(name, kwargs), build, name)
     return final / "checkpoints"
 
 
