@@ -35,7 +35,7 @@ import torch
 
 from megatron_pma import schedules
 from megatron_pma.checkpoint import legacy, publish, torch_pickle
-from megatron_pma.checkpoint.discovery import iteration_from_name
+from megatron_pma.checkpoint.discovery import check_checkpoint_dir, iteration_from_name
 from megatron_pma.errors import PMAError
 
 MODEL_KEY = re.compile(r"^model\d*$")  # model, or model0, model1, ... (virtual pipeline chunks)
@@ -186,20 +186,9 @@ def any_legacy(inputs: Sequence[str | Path]) -> bool:
     return any(legacy.is_legacy_checkpoint(Path(p)) for p in inputs)
 
 
-def _check_dir(path: Path) -> None:
-    if path.is_symlink() and not path.exists():
-        raise PMAError(f"{path}: dangling symbolic link (-> {os.readlink(path)})")
-    if not path.exists():
-        raise PMAError(f"{path}: no such checkpoint")
-    if not path.is_dir():
-        raise PMAError(f"{path}: not a directory")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise PMAError(f"{path}: permission denied")
-
-
 def load_input(path: Path, a_legacy_input: Path | None = None) -> LegacyInput:
     path = Path(path)
-    _check_dir(path)
+    check_checkpoint_dir(path)
     if not legacy.is_legacy_checkpoint(path):
         raise PMAError(f"{path}: mixed checkpoint formats: not a legacy --ckpt-format torch checkpoint, "
                        f"but {a_legacy_input} is; merge checkpoints of one format")

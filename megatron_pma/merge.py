@@ -29,6 +29,7 @@ from megatron_pma.checkpoint import dcp, dcp_types, integrity, nemo, publish
 from megatron_pma.checkpoint.dcp_types import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from megatron_pma.checkpoint.discovery import (
     ITER_DIR,
+    check_checkpoint_dir,
     is_complete,
     iteration_from_name,
     read_tracker,
@@ -169,14 +170,7 @@ def _merge_key(key: str, optimizer: str, dtype: torch.dtype) -> bool:
 
 def load_input(path: Path) -> InputCheckpoint:
     path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise PMAError(f"{path}: dangling symbolic link (-> {os.readlink(path)})")
-    if not path.exists():
-        raise PMAError(f"{path}: no such checkpoint")
-    if not path.is_dir():
-        raise PMAError(f"{path}: not a directory")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise PMAError(f"{path}: permission denied")
+    check_checkpoint_dir(path)
     root = nemo.root_of(path)
     if root is not None:  # NeMo 2: read weights/, name and marker belong to the outer dir
         path = _nemo_weights(root)

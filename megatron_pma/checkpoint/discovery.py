@@ -48,6 +48,18 @@ def _tracker_reached(ckpt_dir: Path) -> bool:
     return iteration <= tracker
 
 
+def check_checkpoint_dir(path: Path) -> None:
+    """An input checkpoint folder exists, is a folder and is readable (one-line PMAError if not)."""
+    if path.is_symlink() and not path.exists():
+        raise PMAError(f"{path}: dangling symbolic link (-> {os.readlink(path)})")
+    if not path.exists():
+        raise PMAError(f"{path}: no such checkpoint")
+    if not path.is_dir():
+        raise PMAError(f"{path}: not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise PMAError(f"{path}: permission denied")
+
+
 def read_tracker(save_dir: Path) -> int | str | None:
     """The tracker's iteration, the string "release", or None when there is no tracker."""
     path = Path(save_dir) / TRACKER
