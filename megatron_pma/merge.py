@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from megatron_pma import __version__, schedules
-from megatron_pma.checkpoint import dcp, dcp_types, integrity, nemo, publish
+from megatron_pma.checkpoint import dcp, dcp_types, integrity, legacy, nemo, publish
 from megatron_pma.checkpoint.dcp_types import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from megatron_pma.checkpoint.discovery import (
     ITER_DIR,
@@ -174,7 +174,7 @@ def load_input(path: Path) -> InputCheckpoint:
     root = nemo.root_of(path)
     if root is not None:  # NeMo 2: read weights/, name and marker belong to the outer dir
         path = _nemo_weights(root)
-    if any(p.name.startswith("mp_rank_") for p in path.iterdir()):  # legacy_merge takes all-legacy sets
+    if legacy.is_legacy_checkpoint(path):  # legacy_merge takes all-legacy sets
         raise PMAError(f"{path}: mixed checkpoint formats: a legacy --ckpt-format torch checkpoint among "
                        "torch_dist ones; merge checkpoints of one format")
     if not is_complete(path):
