@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from megatron_pma import __version__, schedules
-from megatron_pma.checkpoint import dcp, dcp_types, integrity, legacy, nemo, publish
+from megatron_pma.checkpoint import dcp, dcp_types, integrity, legacy, nemo, publish, writeback
 from megatron_pma.checkpoint.dcp_types import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
 from megatron_pma.checkpoint.discovery import (
     ITER_DIR,
@@ -499,6 +499,8 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, s
                         _reraise_os_error(f)
                         raise PMAError(f"{path}: write failed ({e})") from None
                 storage[job.index] = StorageInfo(path.name, start, f.tell() - start)
+                if fsync:
+                    writeback.start(f.fileno(), start, f.tell() - start)
                 progress(job.nbytes)
             if fsync:  # each rank syncs its own files, in parallel; publish() then finds them clean
                 f.flush()
