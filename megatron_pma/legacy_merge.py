@@ -35,6 +35,7 @@ import torch
 
 from megatron_pma import schedules
 from megatron_pma.checkpoint import legacy, publish, torch_pickle
+from megatron_pma.checkpoint.legacy import any_legacy  # noqa: F401  (inspect and merge ask here)
 from megatron_pma.checkpoint.discovery import check_checkpoint_dir, iteration_from_name
 from megatron_pma.errors import PMAError
 
@@ -180,10 +181,6 @@ def tensors_to_merge(objs: list, dist_file: bool, optimizer: str, files: list[st
 
 # ---------------------------------------------------------------------------------------------
 # Planning: every check that can fail runs here, before any output exists.
-
-
-def any_legacy(inputs: Sequence[str | Path]) -> bool:
-    return any(legacy.is_legacy_checkpoint(Path(p)) for p in inputs)
 
 
 def load_input(path: Path, a_legacy_input: Path | None = None) -> LegacyInput:

@@ -22,11 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
+import numpy as np
 
-from megatron_pma import __version__, schedules
-from megatron_pma.checkpoint import dcp, dcp_types, integrity, legacy, nemo, publish, writeback
-from megatron_pma.checkpoint.dcp_types import Metadata, MetadataIndex, StorageInfo, TensorStorageMetadata
+from megatron_pma import __version__, schedules, slab_math
+from megatron_pma.checkpoint import dcp, dcp_types, integrity, legacy, nemo, publish, torch_zip, writeback
+from megatron_pma.checkpoint.dcp_types import (
+    DType,
+    Metadata,
+    MetadataIndex,
+    StorageInfo,
+    TensorStorageMetadata,
+)
 from megatron_pma.checkpoint.discovery import (
     ITER_DIR,
     check_checkpoint_dir,
@@ -43,8 +49,6 @@ PROVENANCE_FILE = "pma_provenance.json"
 # 1 Mi elements (4 MiB of fp32): the accumulator and read buffer of a slab stay in the CPU cache
 # while the k inputs are added, so each input byte crosses DRAM once (the page-cache copy).
 SLAB_ELEMENTS = 1 << 20
-# Widening these to fp32 is exact, so widen-then-add gives the same bits as a mixed-dtype add_.
-_EXACT_IN_FP32 = (torch.bfloat16, torch.float16)
 _CHAINED = re.compile(r"^chained_\d+\.")
 _STATE_ROLES = {"fp32_param": "param", "param": "param", "exp_avg": "moment", "exp_avg_sq": "moment"}
 # Files we regenerate; everything else at the top of the newest input is copied verbatim.
@@ -74,7 +78,7 @@ class Job:
     key: str
     offsets: tuple | None          # None for byte objects
     shape: tuple = ()
-    dtype: torch.dtype | None = None
+    dtype: DType | None = None
     merge: bool = True             # False: take the newest input's bytes
     nbytes: int = 0
 
@@ -155,7 +159,7 @@ def _keep_key(key: str, optimizer: str) -> bool:
     return not (optimizer == "drop" and optimizer_role(key) is not None)
 
 
-def _merge_key(key: str, optimizer: str, dtype: torch.dtype) -> bool:
+def _merge_key(key: str, optimizer: str, dtype: DType) -> bool:
     if not dtype.is_floating_point:
         return False  # step counters and the like: newest wins
     role = optimizer_role(key)
@@ -326,8 +330,11 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
         entry = newest.metadata.state_dict_metadata[key]
         if isinstance(entry, TensorStorageMetadata):
             dtype = entry.properties.dtype
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             merge = _merge_key(key, optimizer, dtype) and len(loaded) > 1
+            if merge and not slab_math.supported(dtype):
+                raise PMAError(f"{newest.label}: key {key} is {dtype}; averaging {dtype} values "
+                               "(each checkpoint scaled its own way) is not supported")
             for c in entry.chunks:
                 jobs.append(Job(key, tuple(c.offsets), tuple(c.sizes), dtype, merge,
                                 math.prod(c.sizes) * itemsize))
@@ -373,10 +380,10 @@ class _Reader:
                            f"metadata says {job.dtype} {list(job.shape)}")
         return loc
 
-    def read_into(self, loc: dcp.TensorLocation, buf: torch.Tensor, first: int) -> None:
-        """Read elements [first, first + buf.numel()) of a located tensor into ``buf``."""
-        raw = buf.view(torch.uint8).numpy()
-        pos = loc.data_offset + first * buf.element_size()
+    def read_into(self, loc: dcp.TensorLocation, buf: np.ndarray, first: int) -> None:
+        """Read elements [first, first + buf.size) of a located tensor into ``buf`` (raw view)."""
+        raw = buf.view(np.uint8)
+        pos = loc.data_offset + first * buf.itemsize
         f = self.file(loc.path)
         got = os.preadv(f.fileno(), [raw], pos)
         if got != raw.nbytes:
@@ -389,79 +396,49 @@ class _Reader:
 
 
 def _merged_chunk(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: bool,
-                  scratch: "_Scratch") -> torch.Tensor:
-    """The output tensor for a tensor job, in the input dtype.
+                  scratch: slab_math.Scratch) -> np.ndarray:
+    """A merged chunk's raw bytes (a view of the scratch output buffer), in the input dtype.
 
-    Slab by slab: the first input is read straight into the fp32 accumulator (for fp32 chunks
-    the accumulator *is* the output slice), every further input is read into one reusable
-    buffer and added with its weight. Finiteness is checked through the slab's sum (one
-    reduction, no bool tensor); only a non-finite sum triggers the exact per-input search.
+    Slab by slab: the first input is read straight into the accumulator (for fp32 chunks the
+    accumulator *is* the output slice), every further input is read into one reusable buffer,
+    widened and added with its weight. Finiteness is checked through the slab's sum (one
+    reduction); only a non-finite sum triggers the exact per-input search.
     """
-    sources = plan.inputs if job.merge else [plan.newest]
     locs = []
-    for ckpt in sources:
+    for ckpt in plan.inputs:
         loc = reader.locate(ckpt, job)
         locs.append(loc if loc.contiguous else None)
     numel = math.prod(job.shape)
-    out = scratch.output(job.dtype, numel)
-    if not job.merge:
-        _read_or_load(reader, plan.newest, job, locs[0], out, 0, numel)
-        return out.view(job.shape)
-    fp32 = job.dtype == torch.float32
+    raw_t = slab_math.raw_dtype(job.dtype)
+    out = scratch.output(numel * job.dtype.itemsize).view(raw_t)
+    acc_t = slab_math.acc_dtype(job.dtype)
+    in_place = raw_t == acc_t  # fp32 (fp64) chunks accumulate in the output buffer itself
     # Distributed-optimizer buckets hold padding that Megatron leaves uninitialised (torch.empty):
     # junk there is harmless and must not fail the merge.
     check = not allow_nonfinite and not _CHAINED.sub("", job.key).startswith("optimizer.distributed.")
-    widen = job.dtype in _EXACT_IN_FP32  # add_ of a widened copy: same bits, 15 % faster than mixed dtypes
     for first in range(0, numel, SLAB_ELEMENTS):
         n = min(SLAB_ELEMENTS, numel - first)
-        a = out[first:first + n] if fp32 else scratch.get(torch.float32, n, "acc")
-        b = scratch.get(job.dtype, n, "buf")
-        b32 = scratch.get(torch.float32, n, "b32") if widen else b
-        for i, (ckpt, loc, w) in enumerate(zip(sources, locs, plan.weights)):
-            if i == 0 and fp32:
-                _read_or_load(reader, ckpt, job, loc, a, first, n)
-                a.mul_(w)
-                continue
-            _read_or_load(reader, ckpt, job, loc, b, first, n)
+        a = out[first:first + n] if in_place else scratch.get(acc_t, n, "acc")
+        b = scratch.get(raw_t, n, "buf")
+        wide = b if in_place else scratch.get(acc_t, n, "wide")
+        for i, (ckpt, loc, w) in enumerate(zip(plan.inputs, locs, plan.weights)):
+            _read_or_load(reader, ckpt, job, loc, a if (i == 0 and in_place) else b, first, n)
             if i == 0:
-                a.copy_(b)
-                a.mul_(w)
+                if not in_place:
+                    slab_math.widen(b, job.dtype, a)
+                np.multiply(a, w, out=a)
             else:
-                if widen:
-                    b32.copy_(b)
-                a.add_(b32, alpha=w)
-        if check and not math.isfinite(float(a.sum())) and not bool(torch.isfinite(a).all()):
-            _raise_nonfinite(plan, job, reader, locs, b, first, n)
-        if not fp32:
-            out[first:first + n].copy_(a)
-    return out.view(job.shape)
-
-
-class _Scratch:
-    """Reusable slab buffers and output buffer (fresh big allocations cost a page fault and the
-    kernel's zeroing per 4 KiB: ~0.5 s per GiB of output on a VM)."""
-
-    def __init__(self):
-        self._bufs: dict = {}
-        self._out = None
-
-    def get(self, dtype: torch.dtype, n: int, role: str) -> torch.Tensor:
-        buf = self._bufs.get((dtype, role))
-        if buf is None or buf.numel() < n:
-            buf = self._bufs[(dtype, role)] = torch.empty(max(n, 1 << 16), dtype=dtype)
-        return buf[:n]
-
-    def output(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        """A ``numel``-element tensor in the one reused output buffer. Its storage is exactly
-        ``numel`` elements (torch.save writes a tensor's whole storage, so no slice of a bigger
-        tensor); valid until the next call."""
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if nbytes == 0:
-            return torch.empty(numel, dtype=dtype)
-        if self._out is None or self._out.numel() < nbytes:
-            self._out = None  # free the old buffer first
-            self._out = torch.empty(nbytes, dtype=torch.uint8)
-        return torch.frombuffer(memoryview(self._out.numpy())[:nbytes], dtype=dtype, count=numel)
+                if not in_place:
+                    slab_math.widen(b, job.dtype, wide)
+                np.multiply(wide, w, out=wide)
+                np.add(a, wide, out=a)
+        finite = slab_math.all_finite(a)
+        if check and not finite:
+            _raise_nonfinite(plan, job, reader, locs, scratch, first, n)
+        if not in_place:
+            slab_math.narrow(a, job.dtype, out[first:first + n], scratch.get(np.dtype(np.uint32), n, "bits"),
+                             finite)
+    return out
 
 
 def _read_or_load(reader, ckpt, job, loc, buf, first, n):
@@ -469,35 +446,48 @@ def _read_or_load(reader, ckpt, job, loc, buf, first, n):
         reader.read_into(loc, buf[:n], first)
     else:  # strided storage inside the blob: rare; fall back to torch.load
         path, info = reader.storage(ckpt, job.index)
-        full = dcp.load_blob_tensor(path, info.offset, info.length).reshape(-1)
-        buf[:n].copy_(full[first:first + n])
+        full = dcp.load_blob_bytes(path, info.offset, info.length)
+        size = buf.itemsize
+        buf[:n].view(np.uint8)[:] = full[first * size:(first + n) * size]
 
 
-def _raise_nonfinite(plan, job, reader, locs, buf, first, n):
+def _raise_nonfinite(plan, job, reader, locs, scratch, first, n):
+    raw = scratch.get(slab_math.raw_dtype(job.dtype), n, "buf")
+    wide = scratch.get(slab_math.acc_dtype(job.dtype), n, "wide")
     for ckpt, loc in zip(plan.inputs, locs):
-        _read_or_load(reader, ckpt, job, loc, buf, first, n)
-        if not bool(torch.isfinite(buf[:n]).all()):
+        _read_or_load(reader, ckpt, job, loc, raw, first, n)
+        if not np.isfinite(slab_math.widen(raw, job.dtype, wide)).all():
             raise PMAError(f"{ckpt.label}: key {job.key} holds NaN/Inf (pass --allow-nonfinite to merge anyway)")
     raise PMAError(f"key {job.key}: merged values overflow to Inf")
 
 
-def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, scratch: _Scratch,
+def _save_chunk(f, data: np.ndarray, job: Job) -> None:
+    """One chunk as a torch.save blob at the file's position (torch itself only for ZIP64 blobs)."""
+    if torch_zip.write_tensor(f, data, dcp_types.STORAGE_OF[job.dtype.name], job.shape) is not None:
+        return
+    import torch
+
+    tensor = torch.frombuffer(data.view(np.uint8), dtype=job.dtype.torch).view(job.shape) if data.size \
+        else torch.empty(job.shape, dtype=job.dtype.torch)
+    try:
+        torch.save(tensor, f)
+    except RuntimeError as e:  # torch's zip writer hides the OSError
+        _reraise_os_error(f)
+        raise PMAError(f"{f.name}: write failed ({e})") from None
+
+
+def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, scratch: slab_math.Scratch,
                 allow_nonfinite: bool, progress, fsync: bool) -> dict[MetadataIndex, StorageInfo]:
     storage: dict[MetadataIndex, StorageInfo] = {}
     try:
         with open(path, "wb") as f:
             for job in jobs:
                 start = f.tell()
-                if job.offsets is None:
+                if job.merge:
+                    _save_chunk(f, _merged_chunk(plan, job, reader, allow_nonfinite, scratch), job)
+                else:  # byte objects, and chunks the newest input decides: its blob, verbatim
                     src_path, info = reader.storage(plan.newest, job.index)
-                    f.write(dcp.read_bytes(src_path, info.offset, info.length))
-                else:
-                    tensor = _merged_chunk(plan, job, reader, allow_nonfinite, scratch)
-                    try:
-                        torch.save(tensor, f)
-                    except RuntimeError as e:  # torch's zip writer hides the OSError
-                        _reraise_os_error(f)
-                        raise PMAError(f"{path}: write failed ({e})") from None
+                    _copy_range(reader.file(src_path), src_path, info.offset, info.length, f)
                 storage[job.index] = StorageInfo(path.name, start, f.tell() - start)
                 if fsync:
                     writeback.start(f.fileno(), start, f.tell() - start)
@@ -508,6 +498,15 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, s
     except OSError as e:
         raise PMAError(f"{path}: write failed ({os.strerror(e.errno) if e.errno else e})") from None
     return storage
+
+
+def _copy_range(src, src_path: str, offset: int, length: int, f, piece: int = 64 << 20) -> None:
+    for pos in range(offset, offset + length, piece):
+        n = min(piece, offset + length - pos)
+        data = os.pread(src.fileno(), n, pos)
+        if len(data) != n:
+            raise PMAError(f"{src_path}: truncated (wanted {n} bytes at {pos}, got {len(data)})")
+        f.write(data)
 
 
 def _reraise_os_error(f) -> None:
@@ -602,8 +601,8 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
     their ``integrity.json``; the output gets one whenever that is asked or the newest input
     has one (so Megatron's ``--verify-integrity`` loads it). Under ``torchrun``/``srun`` (or an
     initialised process group) the work is split over ranks; every rank gets the result.
-    ``threads``: torch intra-op threads per process while merging (default 1: the slabs are
-    cache-sized, more cores pay off as more processes). ``workers``: fork this many processes
+    ``threads``: torch intra-op threads per process for legacy merges (default 1: more cores pay
+    off as more processes); the torch_dist path computes with numpy, one thread per process. ``workers``: fork this many processes
     (one gloo group, no launcher needed) and split the work over them, like torchrun would.
     """
     t0 = time.perf_counter()
@@ -643,9 +642,9 @@ def _check_output(output: Path, plan: MergePlan, force: bool) -> None:
 def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, optimizer, force,
            allow_nonfinite, update_tracker, progress, fsync, num_files, verify_integrity,
            threads) -> MergeResult:
-    from megatron_pma import legacy_merge  # --ckpt-format torch: merged file by file
+    if legacy.any_legacy(inputs):  # --ckpt-format torch: merged file by file (imports torch)
+        from megatron_pma import legacy_merge
 
-    if legacy_merge.any_legacy(inputs):
         return legacy_merge.merge(inputs, output, group, t0, method=method, alpha=alpha, weights=weights,
                                   normalize=normalize, optimizer=optimizer, force=force,
                                   allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,
@@ -678,16 +677,11 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
     my_bytes = sum(j.nbytes for b in mine for j in files[b])
     update, close_bar = _make_progress(progress, my_bytes)
     reader = _Reader()
-    scratch = _Scratch()  # one per rank: the output buffer is reused across files
+    scratch = slab_math.Scratch()  # one per rank: the output buffer is reused across files
     storage: dict = {}
     digests: dict = {}
     error = None
-    caller_threads = torch.get_num_threads()
     try:
-        # One thread: 4 MiB slab ops are too small for intra-op threads to pay off, and on a busy
-        # node every op would wait at OpenMP's barrier for a descheduled thread. Use more
-        # processes (torchrun) for more cores.
-        torch.set_num_threads(threads or 1)
         for b in mine:
             name = f"__{b}_0.distcp"
             storage.update(_write_file(plan, files[b], data / name, reader, scratch, allow_nonfinite, update,
@@ -701,7 +695,6 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
     finally:
         reader.close()
         close_bar()
-        torch.set_num_threads(caller_threads)  # callers (a training process) keep their setting
     error = group.first_error(error)
     all_storage = group.gather_dicts(storage) if not error else None
     all_digests = group.gather_dicts(digests) if not error else None

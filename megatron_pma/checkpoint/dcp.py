@@ -13,59 +13,24 @@ import io
 import os
 import pickle
 import struct
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from megatron_pma.checkpoint import dcp_types
-from megatron_pma.checkpoint.dcp_types import (
-    BytesStorageMetadata,
-    Metadata,
-    StorageInfo,
-)
-
+from megatron_pma.checkpoint.dcp_types import STORAGE_DTYPES, BytesStorageMetadata, DType, Metadata
 from megatron_pma.errors import PMAError
 
 METADATA_FILE = ".metadata"
 MEGATRON_METADATA_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
 
-# Megatron-core < 0.15 pickled a subclass of DCP's Metadata; map it to a plain stand-in so
-# the file reads without megatron installed.
-_MCORE_MODULE = "megatron.core.dist_checkpointing.strategies.torch"
-
-
-class MCoreMetadataStandIn(Metadata):
-    """Stand-in for megatron's old ``MCoreMetadata`` (adds ``mcore_data``)."""
-
-
-class _MCoreSavePlanStandIn:
-    pass
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo":
-            return StorageInfo  # same fields; avoids importing DCP's filesystem machinery
-        if module == _MCORE_MODULE and name == "MCoreMetadata":
-            return MCoreMetadataStandIn
-        if module == _MCORE_MODULE and name == "MCoreSavePlan":
-            return _MCoreSavePlanStandIn
-        if module.startswith("torch.distributed.checkpoint."):
-            # e.g. .planner (SavePlan, WriteItem: Megatron pickles its save plans in the metadata).
-            # Without this the package __init__ runs: its default_planner imports DTensor and
-            # sympy, ~0.7 s of every merge process's start-up.
-            return getattr(dcp_types._light_import(module), name)
-        return super().find_class(module, name)
-
 
 def read_metadata(ckpt_dir: Path) -> Metadata:
     path = Path(ckpt_dir) / METADATA_FILE
     try:
         with open(path, "rb") as f:
-            md = _MetadataUnpickler(f).load()
+            md = dcp_types.Unpickler(f).load()
     except FileNotFoundError:
         raise PMAError(f"{path}: missing DCP metadata (incomplete or not a torch_dist checkpoint)") from None
     except PermissionError:
@@ -83,7 +48,7 @@ class TensorLocation:
 
     path: str           # absolute file path
     data_offset: int    # byte offset of the tensor's first element in the file
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     contiguous: bool     # bytes are exactly the row-major tensor (no strides/offset games)
 
@@ -145,11 +110,10 @@ class _TensorPickleReader(pickle.Unpickler):
             import collections
 
             return collections.OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        if module == "torch" and name in ("bfloat16", "float16", "float32", "float64", "int64",
-                                          "int32", "int16", "int8", "uint8", "bool"):
-            return getattr(torch, name)
+        if module == "torch" and name in STORAGE_DTYPES:  # torch.save names storages by class
+            return DType.get(STORAGE_DTYPES[name])
+        if module == "torch" and DType.get(name) is not None:
+            return DType.get(name)
         raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
 
     def persistent_load(self, pid):
@@ -157,21 +121,10 @@ class _TensorPickleReader(pickle.Unpickler):
         if typename != "storage":
             raise pickle.UnpicklingError(f"unexpected persistent id {typename!r}")
         dtype = storage_type
-        if not isinstance(dtype, torch.dtype):
+        if not isinstance(dtype, DType):
             raise pickle.UnpicklingError(f"unexpected storage type {storage_type!r}")
         return _StorageRef(key, dtype, numel)
 
-
-def _storage_dtypes() -> dict[str, torch.dtype]:
-    # torch.save pickles legacy storage classes (torch.FloatStorage, ...) by name.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {name: getattr(torch, name).dtype for name in dir(torch)
-                if name.endswith("Storage") and name not in ("UntypedStorage", "TypedStorage")
-                and hasattr(getattr(torch, name), "dtype") and isinstance(getattr(torch, name).dtype, torch.dtype)}
-
-
-_STORAGE_DTYPES = _storage_dtypes()
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 
@@ -197,7 +150,7 @@ def locate_tensor(f, path: str, start: int, length: int) -> TensorLocation:
         raise PMAError(f"{path}: corrupted zip header at byte {start + info.header_offset}")
     name_len, extra_len = _LOCAL_HEADER.unpack(header)[-2:]
     data_offset = start + info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-    itemsize = torch.empty((), dtype=ref.storage.dtype).element_size()
+    itemsize = ref.storage.dtype.itemsize
     expected_stride = _contiguous_stride(ref.size)
     numel = 1
     for s in ref.size:
@@ -217,12 +170,21 @@ def _contiguous_stride(size):
     return tuple(reversed(stride))
 
 
-def load_blob_tensor(path: str, start: int, length: int) -> torch.Tensor:
+def load_blob_tensor(path: str, start: int, length: int):
     """Slow path for blobs we cannot view in place (strided storage): a plain torch.load."""
+    import torch
+
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(length)
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).contiguous()
+
+
+def load_blob_bytes(path: str, start: int, length: int):
+    """The raw bytes (a numpy uint8 array) of a blob's tensor made contiguous (imports torch)."""
+    import torch
+
+    return load_blob_tensor(path, start, length).reshape(-1).view(torch.uint8).numpy()
 
 
 def read_bytes(path: str, start: int, length: int) -> bytes:

@@ -1,70 +1,292 @@
-"""PyTorch DCP's metadata classes, imported without ``torch.distributed.checkpoint``'s package
-``__init__`` (planners, DTensor, HF storage: about half a second of a merge's start-up), plus a
-stand-in for ``filesystem._StorageInfo`` that pickles under the real class's name.
+"""PyTorch DCP's metadata classes, read and written WITHOUT importing torch.
 
-Readers of our ``.metadata`` (Megatron, plain DCP) get the genuine torch classes back.
+``import torch`` costs 1.5-2 s per process on a small node: a third of a 4 GiB merge. The merge
+only needs the metadata's plain fields, so every class a DCP ``.metadata`` pickles (torch 2.x,
+``torch.distributed.checkpoint.metadata`` / ``.filesystem`` / ``.planner``, megatron-core's old
+``MCoreMetadata`` subclass, torch dtypes, ``torch.Size``) loads here as a small stand-in that pickles
+back under the real class's name, in the same form torch writes: readers of our ``.metadata``
+(Megatron, plain DCP) get the genuine torch classes back, and an unmodified file re-pickles byte
+for byte. Field names and order follow torch's dataclasses (torch/distributed/checkpoint/metadata.py).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import copyreg
 import io
 import pickle
 import sys
-import types
-from dataclasses import dataclass
 from typing import Sequence
 
-_PACKAGE = "torch.distributed.checkpoint"
+_MD = "torch.distributed.checkpoint.metadata"
+_FS = "torch.distributed.checkpoint.filesystem"
+_MCORE = "megatron.core.dist_checkpointing.strategies.torch"
 
 
-def _light_import(module: str):
-    if module in sys.modules or _PACKAGE in sys.modules:
-        return importlib.import_module(module)
-    spec = importlib.util.find_spec(_PACKAGE)
-    stub = types.ModuleType(_PACKAGE)
-    stub.__path__ = list(spec.submodule_search_locations)
-    sys.modules[_PACKAGE] = stub
-    try:
-        return importlib.import_module(module)
-    finally:
-        # A later `import torch.distributed.checkpoint` runs the real __init__, which picks up
-        # this already-imported submodule: the classes stay the same objects.
-        if sys.modules.get(_PACKAGE) is stub:
-            del sys.modules[_PACKAGE]
+# ---------------------------------------------------------------------------------------------
+# torch scalars: dtypes and Size
 
 
-_md = _light_import(f"{_PACKAGE}.metadata")
-Metadata = _md.Metadata
-MetadataIndex = _md.MetadataIndex
-TensorStorageMetadata = _md.TensorStorageMetadata
-BytesStorageMetadata = _md.BytesStorageMetadata
+class DType:
+    """Stand-in for a ``torch.dtype``: one instance per name, pickled as the global ``torch.<name>``."""
+
+    _all: dict[str, "DType"] = {}
+
+    def __new__(cls, name: str, itemsize: int, floating: bool, numpy: str | None):
+        obj = object.__new__(cls)
+        obj.name, obj.itemsize, obj.is_floating_point, obj.numpy = name, itemsize, floating, numpy
+        obj._pickle_as = ("torch", name)
+        cls._all[name] = obj
+        return obj
+
+    @classmethod
+    def get(cls, name: str) -> "DType | None":
+        return cls._all.get(name)
+
+    def __reduce_ex__(self, protocol):
+        return self.name  # a global reference, as torch.dtype pickles
+
+    def __repr__(self):
+        return f"torch.{self.name}"
+
+    def __eq__(self, other):
+        if isinstance(other, DType):
+            return self is other
+        return type(other).__name__ == "dtype" and str(other) == repr(self)  # a real torch.dtype
+
+    def __hash__(self):
+        return hash(self.name)
+
+    @property
+    def torch(self):
+        """The real ``torch.dtype`` (imports torch)."""
+        import torch
+
+        return getattr(torch, self.name)
 
 
-@dataclass
-class StorageInfo:
-    """Same fields and pickled form as ``torch.distributed.checkpoint.filesystem._StorageInfo``."""
+# name, bytes, floating point, numpy dtype (None: numpy has none)
+for _args in [("float32", 4, True, "<f4"), ("float64", 8, True, "<f8"), ("float16", 2, True, "<f2"),
+              ("bfloat16", 2, True, None), ("int64", 8, False, "<i8"), ("int32", 4, False, "<i4"),
+              ("int16", 2, False, "<i2"), ("int8", 1, False, "i1"), ("uint8", 1, False, "u1"),
+              ("bool", 1, False, "?"), ("complex64", 8, False, "<c8"), ("complex128", 16, False, "<c16"),
+              ("float8_e4m3fn", 1, True, None), ("float8_e5m2", 1, True, None),
+              ("uint16", 2, False, "<u2"), ("uint32", 4, False, "<u4"), ("uint64", 8, False, "<u8")]:
+    DType(*_args)
+float32, bfloat16, float16 = DType.get("float32"), DType.get("bfloat16"), DType.get("float16")
 
-    relative_path: str
-    offset: int
-    length: int
-    transform_descriptors: Sequence[str] | None = None
+# torch.save pickles a tensor's storage by its legacy class name.
+STORAGE_DTYPES = {"FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+                  "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+                  "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+                  "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+                  "ComplexDoubleStorage": "complex128", "Float8_e4m3fnStorage": "float8_e4m3fn",
+                  "Float8_e5m2Storage": "float8_e5m2", "UInt16Storage": "uint16",
+                  "UInt32Storage": "uint32", "UInt64Storage": "uint64"}
+STORAGE_OF = {dtype: storage for storage, dtype in STORAGE_DTYPES.items()}
 
-    _pickle_as = (f"{_PACKAGE}.filesystem", "_StorageInfo")
+
+class Size(tuple):
+    """Stand-in for ``torch.Size`` (pickled as ``torch.Size((...))``)."""
+
+    # torch's C pickler memoizes names by object: Size's module string is its own (from the C
+    # type's name), not the "torch" its dtypes are pickled with.
+    _pickle_as = ("".join(("tor", "ch")), "Size")
+
+    def __reduce__(self):
+        return Size, (tuple(self),)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any other global: a class that remembers how each instance was built and pickles back alike.
+
+
+class StandIn:
+    """An object of a class we did not import (planner items, enums, torch.layout, ...)."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__["_pma_new"] = args
+        return obj
+
+    def __init__(self, *args, **kwargs):  # only a REDUCE (the class called) runs this
+        self.__dict__["_pma_call"] = args
+
+    def __setstate__(self, state):
+        self.__dict__["_pma_state"] = _interned(state)
+
+    def __reduce_ex__(self, protocol):
+        d = self.__dict__
+        if "_pma_call" in d:
+            return type(self), d["_pma_call"], d.get("_pma_state")
+        return copyreg.__newobj__, (type(self), *d.get("_pma_new", ())), d.get("_pma_state")
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    def __hash__(self):
+        return hash((type(self).__name__, repr(self.__dict__.get("_pma_call"))))
+
+
+def _interned(state):
+    """A state dict's keys as the attribute names they were (interned: pickled by identity)."""
+    if isinstance(state, dict):
+        return {sys.intern(k) if type(k) is str else k: v for k, v in state.items()}
+    if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+        return tuple(_interned(s) for s in state)  # (dict, slots)
+    return state
+
+
+_STANDINS: dict[tuple[str, str], type] = {}
+
+
+def standin_class(module: str, name: str) -> type:
+    cls = _STANDINS.get((module, name))
+    if cls is None:
+        cls = _STANDINS[(module, name)] = type(name, (StandIn,), {"_pickle_as": (module, name)})
+    return cls
+
+
+# ---------------------------------------------------------------------------------------------
+# DCP's metadata classes (same fields, same order, same pickled state as torch's dataclasses)
+
+
+class _Record:
+    """A plain object pickled as ``copyreg.__newobj__(cls)`` + its ``__dict__`` (a dataclass)."""
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None
+
+
+class Metadata(_Record):
+    _pickle_as = (_MD, "Metadata")
+
+    def __init__(self, state_dict_metadata, planner_data=None, storage_data=None, storage_meta=None,
+                 version=None):
+        self.state_dict_metadata, self.planner_data, self.storage_data = state_dict_metadata, planner_data, storage_data
+        self.storage_meta, self.version = storage_meta, version
+
+
+class MCoreMetadataStandIn(Metadata):
+    """megatron-core < 0.15 pickled this subclass of DCP's Metadata (adds ``mcore_data``)."""
+
+    _pickle_as = (_MCORE, "MCoreMetadata")
+
+
+class TensorStorageMetadata(_Record):
+    _pickle_as = (_MD, "TensorStorageMetadata")
+
+    def __init__(self, properties, size, chunks):
+        self.properties, self.size, self.chunks = properties, size, chunks
+
+
+class BytesStorageMetadata(_Record):
+    _pickle_as = (_MD, "BytesStorageMetadata")
+
+
+class ChunkStorageMetadata(_Record):
+    _pickle_as = (_MD, "ChunkStorageMetadata")
+
+    def __init__(self, offsets, sizes):
+        self.offsets, self.sizes = offsets, sizes
+
+
+class StorageMeta(_Record):
+    _pickle_as = (_MD, "StorageMeta")
+
+
+class TensorProperties(_Record):
+    """torch pickles ``(dtype, layout, requires_grad, memory format enum, pin_memory)``."""
+
+    _pickle_as = (_MD, "TensorProperties")
 
     def __getstate__(self):
+        return self._state
+
+    def __setstate__(self, state):
+        self._state = tuple(state)
+
+    @property
+    def dtype(self) -> DType:
+        return self._state[0]
+
+
+class MetadataIndex(_Record):
+    """Hashed and compared on (fqn, offset), like torch's frozen dataclass (``index`` is a hint)."""
+
+    _pickle_as = (_MD, "MetadataIndex")
+    offset = None
+
+    def __init__(self, fqn: str, offset: Sequence[int] | None = None, index: int | None = None):
+        self.fqn, self.index = fqn, index  # torch's __init__ sets them in this order
+        if offset is not None:
+            self.offset = Size(offset)
+
+    def __eq__(self, other):
+        return isinstance(other, MetadataIndex) and (self.fqn, self.offset) == (other.fqn, other.offset)
+
+    def __hash__(self):
+        return hash((self.fqn, self.offset))
+
+
+class StorageInfo(_Record):
+    """``torch.distributed.checkpoint.filesystem._StorageInfo``: where a chunk's bytes are."""
+
+    _pickle_as = (_FS, "_StorageInfo")
+
+    def __init__(self, relative_path: str, offset: int, length: int,
+                 transform_descriptors: Sequence[str] | None = None):
+        self.relative_path, self.offset, self.length = relative_path, offset, length
+        self.transform_descriptors = transform_descriptors
+
+    def __getstate__(self):  # as torch's: None fields are left out
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def __setstate__(self, state):
+        self.transform_descriptors = None
+        self.__dict__.update(_interned(state))
+
+
+_KNOWN = {c._pickle_as: c for c in (Metadata, MCoreMetadataStandIn, TensorStorageMetadata, BytesStorageMetadata,
+                                    ChunkStorageMetadata, StorageMeta, TensorProperties, MetadataIndex,
+                                    StorageInfo, Size)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickling
+
+
+class Unpickler(pickle.Unpickler):
+    """Loads DCP metadata into the stand-ins above; unknown globals become :class:`StandIn` classes."""
+
+    def find_class(self, module, name):
+        known = _KNOWN.get((module, name))
+        if known is not None:
+            return known
+        if module == "torch" and DType.get(name) is not None:
+            return DType.get(name)
+        if module in ("builtins", "collections", "copyreg", "_codecs") or module.startswith("megatron_pma."):
+            return super().find_class(module, name)
+        return standin_class(module, name)
+
+
+def loads(data: bytes):
+    return Unpickler(io.BytesIO(data)).load()
 
 
 class _Pickler(pickle._Pickler):
-    """Pure-Python pickler that writes stand-in classes under their real global names."""
+    """Pure-Python pickler that writes stand-ins under their real global names."""
 
     def save_global(self, obj, name=None):
-        real = getattr(obj, "_pickle_as", None) if isinstance(obj, type) else None
+        real = getattr(obj, "_pickle_as", None) if isinstance(obj, (type, DType)) else None
         if real is None:
             return super().save_global(obj, name)
-        module, qualname = real
+        module, qualname = real if obj is Size else map(sys.intern, real)  # one object per name, as torch's
         if self.proto >= 4:
             self.save(module)
             self.save(qualname)

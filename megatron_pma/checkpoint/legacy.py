@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-from megatron_pma.checkpoint import torch_pickle
+from typing import Sequence
 
 MODEL_FILE = "model_optim_rng.pt"
 DIST_OPTIM_FILE = "distrib_optim.pt"
@@ -35,6 +34,10 @@ def rank_dirs(ckpt_dir: Path) -> list[Path]:
 def is_legacy_checkpoint(ckpt_dir: Path) -> bool:
     """A checkpoint dir with ``mp_rank_*`` subdirs (Megatron's own test for the torch format)."""
     return bool(rank_dirs(ckpt_dir))
+
+
+def any_legacy(inputs: Sequence[str | Path]) -> bool:
+    return any(is_legacy_checkpoint(Path(p)) for p in inputs)
 
 
 def finished(file: Path) -> bool:
@@ -62,6 +65,8 @@ def read_state(ckpt_dir: Path) -> dict | None:
     dirs = rank_dirs(ckpt_dir)
     if not dirs:
         return None
+    from megatron_pma.checkpoint import torch_pickle  # imports torch: only legacy inputs pay it
+
     state, _ = torch_pickle.load(dirs[0] / MODEL_FILE)
     return state if isinstance(state, dict) else None
 

@@ -9,7 +9,6 @@ fsync that follows is what makes the data durable either way.
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 
 _SYNC_FILE_RANGE_WRITE = 2

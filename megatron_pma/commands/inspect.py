@@ -20,10 +20,12 @@ def describe_checkpoint(path: Path) -> dict:
     from megatron_pma.checkpoint.dcp_types import TensorStorageMetadata
 
     from megatron_pma.checkpoint.common_state import consumed_tokens, read_common_state
+    from megatron_pma.checkpoint import legacy
     from megatron_pma.merge import load_input, optimizer_role
-    from megatron_pma import legacy_merge
 
-    if legacy_merge.any_legacy([path]):  # --ckpt-format torch: mp_rank_*/model_optim_rng.pt
+    if legacy.any_legacy([path]):  # --ckpt-format torch: mp_rank_*/model_optim_rng.pt
+        from megatron_pma import legacy_merge
+
         return legacy_merge.describe(path)
     ckpt = load_input(path)
     data = ckpt.path  # the torch_dist files (a NeMo 2 checkpoint's weights/)

@@ -29,7 +29,7 @@ def _nan_into(ckpt: Path, key: str):
         loc = dcp.locate_tensor(f, path, info.offset, info.length)
     with open(path, "r+b") as f:
         f.seek(loc.data_offset)
-        f.write(torch.tensor([float("nan")], dtype=loc.dtype).view(torch.uint8).numpy().tobytes())
+        f.write(torch.tensor([float("nan")], dtype=loc.dtype.torch).view(torch.uint8).numpy().tobytes())
 
 
 def _case_missing_path(save, tmp, request):

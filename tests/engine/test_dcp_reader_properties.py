@@ -18,7 +18,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int
 
 
 def _read(loc, numel):
-    out = torch.empty(numel, dtype=loc.dtype)
+    out = torch.empty(numel, dtype=loc.dtype.torch)
     with open(loc.path, "rb") as f:
         os.preadv(f.fileno(), [out.view(torch.uint8).numpy()], loc.data_offset)
     return out
