@@ -2,10 +2,12 @@
 
 Works directly on Megatron-Core ``torch_dist`` checkpoints. No model is built and nothing is
 resharded: every stored chunk (key, offsets) of the output is the weighted sum of the same chunk
-of every input, accumulated in fp32 slab by slab and written in the input dtype. Memory per
-process is bounded by the largest chunk plus two slabs. Under ``torchrun`` / ``srun`` the output
-files are split over ranks; which chunk lands in which output file does not depend on the
-number of processes, so 1 and P processes write the same bytes.
+of every input, accumulated in fp32 slab by slab and streamed to the output in the input dtype.
+Memory per process is a few 4 MiB slabs, whatever the model size or k (a chunk past 4 GiB, which
+needs ZIP64, is assembled whole for torch.save). numpy does the arithmetic: torch is never
+imported. Under ``torchrun`` / ``srun`` / ``--workers`` the output files are split over ranks;
+which chunk lands in which output file does not depend on the number of processes, so 1 and P
+processes write the same bytes.
 """
 
 from __future__ import annotations
@@ -395,13 +397,14 @@ class _Reader:
         self._files.clear()
 
 
-def _merged_chunk(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: bool,
-                  scratch: slab_math.Scratch) -> np.ndarray:
-    """A merged chunk's raw bytes (a view of the scratch output buffer), in the input dtype.
+def _merged_slabs(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: bool,
+                  scratch: slab_math.Scratch):
+    """A merged chunk's raw bytes in the input dtype, yielded slab by slab (each valid until the
+    next is asked for).
 
-    Slab by slab: the first input is read straight into the accumulator (for fp32 chunks the
-    accumulator *is* the output slice), every further input is read into one reusable buffer,
-    widened and added with its weight. Finiteness is checked through the slab's sum (one
+    Per slab: the first input is read straight into the accumulator (fp32 / fp64 chunks: no
+    widening), every further input is read into one reusable buffer, widened and added with its
+    weight, and the sum is narrowed back. Finiteness is checked through the slab's sum (one
     reduction); only a non-finite sum triggers the exact per-input search.
     """
     locs = []
@@ -409,36 +412,35 @@ def _merged_chunk(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: b
         loc = reader.locate(ckpt, job)
         locs.append(loc if loc.contiguous else None)
     numel = math.prod(job.shape)
-    raw_t = slab_math.raw_dtype(job.dtype)
-    out = scratch.output(numel * job.dtype.itemsize).view(raw_t)
-    acc_t = slab_math.acc_dtype(job.dtype)
-    in_place = raw_t == acc_t  # fp32 (fp64) chunks accumulate in the output buffer itself
+    raw_t, acc_t = slab_math.raw_dtype(job.dtype), slab_math.acc_dtype(job.dtype)
+    in_place = raw_t == acc_t
     # Distributed-optimizer buckets hold padding that Megatron leaves uninitialised (torch.empty):
     # junk there is harmless and must not fail the merge.
     check = not allow_nonfinite and not _CHAINED.sub("", job.key).startswith("optimizer.distributed.")
     for first in range(0, numel, SLAB_ELEMENTS):
         n = min(SLAB_ELEMENTS, numel - first)
-        a = out[first:first + n] if in_place else scratch.get(acc_t, n, "acc")
-        b = scratch.get(raw_t, n, "buf")
-        wide = b if in_place else scratch.get(acc_t, n, "wide")
+        acc = scratch.get(acc_t, n, "acc")
+        raw = scratch.get(raw_t, n, "raw")
+        wide = raw if in_place else scratch.get(acc_t, n, "wide")
         for i, (ckpt, loc, w) in enumerate(zip(plan.inputs, locs, plan.weights)):
-            _read_or_load(reader, ckpt, job, loc, a if (i == 0 and in_place) else b, first, n)
+            _read_or_load(reader, ckpt, job, loc, acc if (i == 0 and in_place) else raw, first, n)
             if i == 0:
                 if not in_place:
-                    slab_math.widen(b, job.dtype, a)
-                np.multiply(a, w, out=a)
+                    slab_math.widen(raw, job.dtype, acc)
+                np.multiply(acc, w, out=acc)
             else:
                 if not in_place:
-                    slab_math.widen(b, job.dtype, wide)
+                    slab_math.widen(raw, job.dtype, wide)
                 np.multiply(wide, w, out=wide)
-                np.add(a, wide, out=a)
-        finite = slab_math.all_finite(a)
+                np.add(acc, wide, out=acc)
+        finite = slab_math.all_finite(acc)
         if check and not finite:
             _raise_nonfinite(plan, job, reader, locs, scratch, first, n)
-        if not in_place:
-            slab_math.narrow(a, job.dtype, out[first:first + n], scratch.get(np.dtype(np.uint32), n, "bits"),
-                             finite)
-    return out
+        if in_place:
+            yield acc
+        else:
+            slab_math.narrow(acc, job.dtype, raw, scratch.get(np.dtype(np.uint32), n, "bits"), finite)
+            yield raw
 
 
 def _read_or_load(reader, ckpt, job, loc, buf, first, n):
@@ -452,7 +454,7 @@ def _read_or_load(reader, ckpt, job, loc, buf, first, n):
 
 
 def _raise_nonfinite(plan, job, reader, locs, scratch, first, n):
-    raw = scratch.get(slab_math.raw_dtype(job.dtype), n, "buf")
+    raw = scratch.get(slab_math.raw_dtype(job.dtype), n, "raw")
     wide = scratch.get(slab_math.acc_dtype(job.dtype), n, "wide")
     for ckpt, loc in zip(plan.inputs, locs):
         _read_or_load(reader, ckpt, job, loc, raw, first, n)
@@ -461,19 +463,52 @@ def _raise_nonfinite(plan, job, reader, locs, scratch, first, n):
     raise PMAError(f"key {job.key}: merged values overflow to Inf")
 
 
-def _save_chunk(f, data: np.ndarray, job: Job) -> None:
-    """One chunk as a torch.save blob at the file's position (torch itself only for ZIP64 blobs)."""
-    if torch_zip.write_tensor(f, data, dcp_types.STORAGE_OF[job.dtype.name], job.shape) is not None:
+def _save_merged(out: "_Output", job: Job, slabs, scratch: slab_math.Scratch) -> None:
+    """A merged chunk as a torch.save blob, streamed slab by slab: no chunk-sized buffer.
+    Blobs past 4 GiB need ZIP64: assembled in memory and left to torch.save itself."""
+    writer = torch_zip.TensorWriter.start(out, dcp_types.STORAGE_OF[job.dtype.name], job.shape)
+    if writer is not None:
+        for slab in slabs:
+            writer.write(slab)
+        writer.close()
         return
     import torch
 
-    tensor = torch.frombuffer(data.view(np.uint8), dtype=job.dtype.torch).view(job.shape) if data.size \
-        else torch.empty(job.shape, dtype=job.dtype.torch)
+    data, pos = scratch.output(math.prod(job.shape) * job.dtype.itemsize), 0
+    for slab in slabs:
+        data[pos:pos + slab.nbytes] = slab.view(np.uint8)
+        pos += slab.nbytes
     try:
-        torch.save(tensor, f)
+        torch.save(torch.frombuffer(data, dtype=job.dtype.torch).view(job.shape), out.file)
     except RuntimeError as e:  # torch's zip writer hides the OSError
-        _reraise_os_error(f)
-        raise PMAError(f"{f.name}: write failed ({e})") from None
+        _reraise_os_error(out.file)
+        raise PMAError(f"{out.file.name}: write failed ({e})") from None
+
+
+class _Output:
+    """An output file that queues what was written for writeback every few MiB (see
+    :mod:`writeback`): the disk then writes while the merge computes, and the closing fsync
+    finds little left to do."""
+
+    STEP = 16 << 20
+
+    def __init__(self, file, fsync: bool):
+        self.file, self._fsync, self._queued = file, fsync, 0
+
+    def write(self, data) -> int:
+        n = self.file.write(data)
+        if self._fsync:
+            pos = self.file.tell()
+            if pos - self._queued >= self.STEP:
+                writeback.start(self.file.fileno(), self._queued, pos - self._queued)
+                self._queued = pos
+        return n
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def tell(self) -> int:
+        return self.file.tell()
 
 
 def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, scratch: slab_math.Scratch,
@@ -481,16 +516,15 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, s
     storage: dict[MetadataIndex, StorageInfo] = {}
     try:
         with open(path, "wb") as f:
+            out = _Output(f, fsync)
             for job in jobs:
                 start = f.tell()
                 if job.merge:
-                    _save_chunk(f, _merged_chunk(plan, job, reader, allow_nonfinite, scratch), job)
+                    _save_merged(out, job, _merged_slabs(plan, job, reader, allow_nonfinite, scratch), scratch)
                 else:  # byte objects, and chunks the newest input decides: its blob, verbatim
                     src_path, info = reader.storage(plan.newest, job.index)
-                    _copy_range(reader.file(src_path), src_path, info.offset, info.length, f)
+                    _copy_range(reader.file(src_path), src_path, info.offset, info.length, out)
                 storage[job.index] = StorageInfo(path.name, start, f.tell() - start)
-                if fsync:
-                    writeback.start(f.fileno(), start, f.tell() - start)
                 progress(job.nbytes)
             if fsync:  # each rank syncs its own files, in parallel; publish() then finds them clean
                 f.flush()

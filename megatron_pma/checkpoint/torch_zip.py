@@ -37,7 +37,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-__all__ = ["write_tensor"]
+__all__ = ["TensorWriter", "write_tensor"]
 
 # Storage class (what torch pickles for the dtype) -> element size in bytes.
 _ITEMSIZE = {
@@ -220,6 +220,18 @@ def _write_all(f, mv: memoryview) -> None:
         mv = mv[n:]
 
 
+def _checked(storage: str, shape) -> tuple[tuple[int, ...], int]:
+    if storage not in _ITEMSIZE:
+        raise ValueError(f"unsupported storage class {storage!r}")
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"negative size in shape {shape}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    return shape, numel
+
+
 def write_tensor(f, data, storage: str, shape: tuple[int, ...]) -> int | None:
     """Write `data` (a C-contiguous buffer: bytes/memoryview/numpy array of the tensor's raw
     little-endian bytes) as torch.save would save a contiguous tensor of `shape` whose storage
@@ -227,77 +239,103 @@ def write_tensor(f, data, storage: str, shape: tuple[int, ...]) -> int | None:
     "IntStorage", "ByteStorage", "BoolStorage", "DoubleStorage", "CharStorage", "ShortStorage").
     Returns the number of bytes written, or None (having written NOTHING) when the blob would need
     ZIP64 structures (caller then falls back to torch.save)."""
-    if storage not in _ITEMSIZE:
-        raise ValueError(f"unsupported storage class {storage!r}")
-    shape = tuple(int(s) for s in shape)
-    numel = 1
-    for s in shape:
-        if s < 0:
-            raise ValueError(f"negative size in shape {shape}")
-        numel *= s
     mv = _as_bytes_view(data)
+    shape, numel = _checked(storage, shape)
     if mv.nbytes != numel * _ITEMSIZE[storage]:
         raise ValueError(f"{mv.nbytes} bytes of data for shape {shape} of {storage}")
-
-    pkl = _data_pkl(storage, shape, numel)
-    total = blob_nbytes(mv.nbytes, len(pkl))
-    if total > _ZIP32_LIMIT:
+    writer = TensorWriter.start(f, storage, shape)
+    if writer is None:
         return None
+    writer.write(mv)
+    return writer.close()
 
-    central = bytearray()
-    crc_chain = 0  # combined_uncomp_crc32_ of PyTorchStreamWriter
-    pos = 0
 
-    def start(out: bytearray, name: bytes, size: int, crc: int) -> None:
-        nonlocal pos
-        header = _local_header(pos, name, size)
-        out += header
-        central.extend(_CENTRAL.pack(
-            0x02014B50, 0, 0, _FLAGS_DESCRIPTOR_UTF8 if size else _FLAGS_UTF8, 0, 0, 0,
-            crc, size, size, len(_PREFIX) + len(name), 0, 0, 0, 0, 0, pos))
-        central.extend(_PREFIX + name)
-        pos += len(header)
+class TensorWriter:
+    """One tensor blob streamed: the headers at :meth:`start`, the data in pieces of any size
+    (:meth:`write`, CRC-32 updated as it goes), the rest at :meth:`close`. The data descriptor
+    after the data is what lets torch (and us) write a record before knowing its CRC."""
 
-    def finish(out: bytearray, payload: memoryview | bytes, crc: int) -> None:
-        nonlocal pos, crc_chain
-        size = len(payload) if isinstance(payload, bytes) else payload.nbytes
-        pos += size
-        if size >= 8 and payload[:4] == b"PK\x07\x08":  # torch mistakes it for a descriptor
-            crc_chain = _hash_combine(crc_chain, int.from_bytes(payload[4:8], "little"))
-        if size:
-            out += _DESCRIPTOR.pack(_DESCRIPTOR_SIG, crc, size, size)
-            crc_chain = _hash_combine(crc_chain, crc)
-            pos += _DESCRIPTOR.size
+    def __init__(self, f, storage: str, shape: tuple[int, ...], numel: int, pkl: bytes, total: int):
+        self._f, self.nbytes, self._total = f, numel * _ITEMSIZE[storage], total
+        self._records: list[tuple[bytes, int, int, int]] = []  # name, offset, size, crc
+        self._crc_chain = 0  # combined_uncomp_crc32_ of PyTorchStreamWriter
+        self._pos = 0
+        self._crc = 0
+        self._written = 0
+        self._first8 = b""
+        head = bytearray()
+        self._small(head, b"data.pkl", pkl)
+        for name, payload in _SMALL_RECORDS:
+            self._small(head, name, payload)
+        self._data_header = self._pos
+        header = _local_header(self._pos, b"data/0", self.nbytes)
+        head += header
+        self._pos += len(header)
+        _write_all(f, memoryview(head))
 
-    def small(out: bytearray, name: bytes, payload: bytes) -> None:
+    @classmethod
+    def start(cls, f, storage: str, shape: tuple[int, ...]) -> "TensorWriter | None":
+        """Write the blob's head; None (nothing written) when it would need ZIP64."""
+        shape, numel = _checked(storage, shape)
+        pkl = _data_pkl(storage, shape, numel)
+        total = blob_nbytes(numel * _ITEMSIZE[storage], len(pkl))
+        if total > _ZIP32_LIMIT:
+            return None
+        return cls(f, storage, shape, numel, pkl, total)
+
+    def write(self, data) -> None:
+        mv = _as_bytes_view(data)
+        if self._written + mv.nbytes > self.nbytes:
+            raise ValueError(f"more than the tensor's {self.nbytes} bytes")
+        if len(self._first8) < 8:
+            self._first8 += bytes(mv[:8 - len(self._first8)])
+        self._crc = zlib.crc32(mv, self._crc)  # over the caller's buffer, no copy
+        _write_all(self._f, mv)
+        self._written += mv.nbytes
+
+    def close(self) -> int:
+        """Finish the blob; returns its size in bytes."""
+        if self._written != self.nbytes:
+            raise ValueError(f"{self._written} bytes of data written, the tensor has {self.nbytes}")
+        self._records.append((b"data/0", self._data_header, self.nbytes, self._crc))
+        self._pos += self.nbytes
+        if self.nbytes >= 8 and self._first8[:4] == b"PK\x07\x08":  # torch mistakes it for a descriptor
+            self._crc_chain = _hash_combine(self._crc_chain, int.from_bytes(self._first8[4:8], "little"))
+        tail = bytearray()
+        if self.nbytes:
+            self._descriptor(tail, self._crc, self.nbytes)
+        self._small(tail, *_VERSION)
+        self._small(tail, _SID_NAME, _NAME_HASH_DIGITS + b"%020d" % self._crc_chain)
+        central = bytearray()
+        for name, offset, size, crc in self._records:
+            central += _CENTRAL.pack(0x02014B50, 0, 0, _FLAGS_DESCRIPTOR_UTF8 if size else _FLAGS_UTF8, 0, 0, 0,
+                                     crc, size, size, len(_PREFIX) + len(name), 0, 0, 0, 0, 0, offset)
+            central += _PREFIX + name
+        cd_offset, n = self._pos, len(self._records)
+        tail += central
+        tail += _ZIP64_END.pack(0x06064B50, _ZIP64_END.size - 12, 0x031E, 0x002D, 0, 0, n, n,
+                                len(central), cd_offset)
+        tail += _ZIP64_LOCATOR.pack(0x07064B50, 0, cd_offset + len(central), 1)
+        tail += _END.pack(0x06054B50, 0, 0, n, n, len(central), cd_offset, 0)
+        _write_all(self._f, memoryview(tail))
+        if hasattr(self._f, "flush"):
+            self._f.flush()  # torch.save flushes the buffer it was given
+        written = cd_offset + len(central) + _ZIP64_END.size + _ZIP64_LOCATOR.size + _END.size
+        assert written == self._total
+        return written
+
+    def _descriptor(self, out: bytearray, crc: int, size: int) -> None:
+        out += _DESCRIPTOR.pack(_DESCRIPTOR_SIG, crc, size, size)
+        self._crc_chain = _hash_combine(self._crc_chain, crc)
+        self._pos += _DESCRIPTOR.size
+
+    def _small(self, out: bytearray, name: bytes, payload: bytes) -> None:
         crc = zlib.crc32(payload)
-        start(out, name, len(payload), crc)
-        out += payload
-        finish(out, payload, crc)
-
-    head = bytearray()
-    small(head, b"data.pkl", pkl)
-    for name, payload in _SMALL_RECORDS:
-        small(head, name, payload)
-    data_crc = zlib.crc32(mv)  # over the caller's buffer, no copy
-    start(head, b"data/0", mv.nbytes, data_crc)
-    _write_all(f, memoryview(head))
-    _write_all(f, mv)
-
-    tail = bytearray()
-    finish(tail, mv, data_crc)
-    small(tail, *_VERSION)
-    small(tail, _SID_NAME, _NAME_HASH_DIGITS + b"%020d" % crc_chain)
-    cd_offset, n = pos, 7
-    tail += central
-    zip64_end = cd_offset + len(central)
-    tail += _ZIP64_END.pack(0x06064B50, _ZIP64_END.size - 12, 0x031E, 0x002D, 0, 0, n, n,
-                            len(central), cd_offset)
-    tail += _ZIP64_LOCATOR.pack(0x07064B50, 0, zip64_end, 1)
-    tail += _END.pack(0x06054B50, 0, 0, n, n, len(central), cd_offset, 0)
-    _write_all(f, memoryview(tail))
-    if hasattr(f, "flush"):
-        f.flush()  # torch.save flushes the buffer it was given
-    written = pos + len(central) + _ZIP64_END.size + _ZIP64_LOCATOR.size + _END.size
-    assert written == total
-    return written
+        header = _local_header(self._pos, name, len(payload))
+        self._records.append((name, self._pos, len(payload), crc))  # the local header's offset
+        out += header + payload
+        self._pos += len(header) + len(payload)
+        if len(payload) >= 8 and payload[:4] == b"PK\x07\x08":
+            self._crc_chain = _hash_combine(self._crc_chain, int.from_bytes(payload[4:8], "little"))
+        if payload:
+            self._descriptor(out, crc, len(payload))

@@ -72,12 +72,6 @@ def _prepare(nice: int) -> None:
             os.nice(nice)
         except OSError:
             pass
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
 
 
 def main(argv=None) -> int:

@@ -90,8 +90,9 @@ class PMAHook:
             in-process on purpose). Called as ``merge_fn(inputs, output, method=..., alpha=...,
             weights=..., optimizer=..., progress=False)``.
         nice: niceness increment of the child process (0 to disable).
-        threads: torch intra-op threads of the child's merge (default 1: the engine would otherwise
-            take every core of the node, and the training's data loaders need them).
+        threads: torch intra-op threads of the child's legacy (``--ckpt-format torch``) merges
+            (default 1: the training's data loaders need the node's cores); torch_dist merges
+            compute with numpy on one thread and never import torch.
         timeout: seconds after which a child merge is killed and recorded as failed (None: no limit).
         python: interpreter for the child (default ``sys.executable``).
     """

@@ -153,13 +153,7 @@ def _child_main(request_json: str) -> int:
         os.nice(int(req.get("nice", 0)))
     except (OSError, AttributeError):
         pass
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except Exception:
-        pass
-    from megatron_pma.errors import PMAError
+    from megatron_pma.errors import PMAError  # the merge imports torch only for legacy inputs (threads=1)
     from megatron_pma.merge import merge_checkpoints
 
     try:
