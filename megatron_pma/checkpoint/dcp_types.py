@@ -201,7 +201,8 @@ class StorageMeta(_Record):
 
 
 class TensorProperties(_Record):
-    """torch pickles ``(dtype, layout, requires_grad, memory format enum, pin_memory)``."""
+    """torch >= 2.1 pickles ``(dtype, layout, requires_grad, memory format enum, pin_memory)``;
+    older torch pickled the dataclass ``__dict__``. Either is kept as read and written back."""
 
     _pickle_as = (_MD, "TensorProperties")
 
@@ -209,11 +210,11 @@ class TensorProperties(_Record):
         return self._state
 
     def __setstate__(self, state):
-        self._state = tuple(state)
+        self._state = _interned(state) if isinstance(state, dict) else tuple(state)
 
     @property
     def dtype(self) -> DType:
-        return self._state[0]
+        return self._state["dtype"] if isinstance(self._state, dict) else self._state[0]
 
 
 class MetadataIndex(_Record):
