@@ -124,3 +124,15 @@ def test_common_state_reads_without_torch(gpt_tp2, gpt_mcore0192, tmp_path):
     lines = r.stdout.split("\n")
     assert lines[0] == f"{want[0]['iteration']} {want[0]['args'].seq_length}"
     assert lines[1].split()[0] == str(ckpt_factory.read_common_any(gpt_mcore0192[-1])["iteration"])
+
+
+def test_tensor_properties_of_older_torch_keep_their_form():
+    """torch < 2.1 pickled TensorProperties as its __dict__ (no memory-format enum): still readable
+    (dtype) and written back in the same form."""
+    old = dcp_types.TensorProperties.__new__(dcp_types.TensorProperties)
+    old._state = {"dtype": dcp_types.bfloat16, "layout": dcp_types.standin_class("torch", "strided"),
+                  "requires_grad": False, "memory_format": dcp_types.standin_class("torch", "contiguous_format"),
+                  "pin_memory": False}
+    data = dcp_types.dumps(old)
+    back = dcp_types.loads(data)
+    assert back.dtype is dcp_types.bfloat16 and dcp_types.dumps(back) == data
