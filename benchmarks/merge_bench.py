@@ -291,8 +291,8 @@ def bench_layout(layout: str, inputs: list[Path], info: dict, work: Path, args) 
         if workers:
             cmd = [sys.executable, *merge, "--workers", str(nproc)]
         else:
-            cmd = [sys.executable, *merge] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                               "--standalone", f"--nproc_per_node={nproc}", *merge]
+            cmd = [sys.executable, *merge, "--workers", "1"] if nproc == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *merge]
         warm(files, resident)
         wall, rss = timed(cmd, env)
         engine = json.loads((out / "pma_provenance.json").read_text())["seconds"]

@@ -47,6 +47,14 @@ def _initialised_dist():
     return None
 
 
+def launched() -> bool:
+    """This process is already one rank of several (torchrun / srun variables, or an initialised
+    ``torch.distributed``): it must not fork workers of its own. One task of one (``srun -n 1``)
+    is not: it may."""
+    rank_world = _env_rank_world()
+    return _initialised_dist() is not None or (rank_world is not None and rank_world[1] > 1)
+
+
 class Group:
     """rank / world plus the collectives the merge needs; a no-op for one process."""
 
@@ -86,7 +94,7 @@ class Group:
         fork: no ports, no threads, no torch. Workers die with their parent, so a killed merge
         leaves no writer behind.
         """
-        if _initialised_dist() is not None or _env_rank_world() is not None:
+        if launched():
             raise RuntimeError(_REFUSE_FORK)
         for stream in (sys.stdout, sys.stderr):  # else a child would write the buffered text again
             try:

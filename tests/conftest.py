@@ -34,6 +34,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# `merge --workers` defaults to one process per core: tests say when they want more (and the CLI
+# called inside pytest must never fork it). test_merge_real covers the default itself.
+os.environ.setdefault("MEGATRON_PMA_WORKERS", "1")
 
 import ckpt_factory  # noqa: E402
 

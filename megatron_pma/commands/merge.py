@@ -24,9 +24,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-integrity", action="store_true",
                    help="check inputs against their integrity.json and write one for the output")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before publishing (faster, less durable)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="merge with this many processes on this node (forked; no torchrun needed)")
+    p.add_argument("--workers", type=_workers, default=os.environ.get(WORKERS_ENV, "auto"),
+                   help="processes on this node (forked; no torchrun needed). Default auto: one per usable "
+                        f"core, at most {MAX_AUTO_WORKERS} (1 under torchrun/srun, where each rank is one); "
+                        f"${WORKERS_ENV} changes the default")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+MAX_AUTO_WORKERS = 8  # the default output has 8 files or more; beyond this, the disk is the limit
+WORKERS_ENV = "MEGATRON_PMA_WORKERS"  # e.g. 1 on a shared login node
+
+
+def _workers(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def auto_workers() -> int:
+    """One process per core this process may run on (cgroup/Slurm affinity), capped; 1 when a
+    launcher (torchrun, srun) already made this process one rank of many."""
+    from megatron_pma.parallel import launched
+
+    if launched():
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_WORKERS))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                                update_tracker=False if args.no_tracker else None,
                                progress=not args.quiet and sys.stderr.isatty(),
                                fsync=not args.no_fsync, verify_integrity=args.verify_integrity,
-                               workers=args.workers,
+                               workers=args.workers or auto_workers(),
                                **schedule_kwargs(args))
     if int(os.environ.get("RANK", "0")) == 0:
         pairs = ", ".join(f"{it}:{w:.4g}" for it, w in zip(result.iterations, result.weights))

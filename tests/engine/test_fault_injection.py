@@ -52,6 +52,8 @@ def _start(mode, inputs, out):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *merge]
     elif mode == "--workers 2":
         cmd += ["--workers", "2"]
+    else:
+        cmd += ["--workers", "1"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 

@@ -129,7 +129,7 @@ def _files(d: Path) -> dict:
 
 
 def test_two_processes_write_the_same_bytes_as_one(gpt_tp2, tmp_path):
-    _merge(gpt_tp2, tmp_path / "one", "--method", "ema")
+    _merge(gpt_tp2, tmp_path / "one", "--method", "ema", "--workers", "1")
     r = torchrun_cli(2, "merge", *gpt_tp2, "--output", tmp_path / "two", "--quiet", "--method", "ema")
     assert r.returncode == 0, r.stdout + r.stderr
     one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
@@ -137,10 +137,12 @@ def test_two_processes_write_the_same_bytes_as_one(gpt_tp2, tmp_path):
     for name in one:
         assert one[name] == two[name], name
     assert json.loads((tmp_path / "two" / "pma_provenance.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "one" / "pma_provenance.json").read_text())["processes"] == 1
 
 
 def test_forked_workers_write_the_same_bytes_as_one(gpt_tp2, tmp_path):
-    _merge(gpt_tp2, tmp_path / "one", "--method", "wma")
+    _merge(gpt_tp2, tmp_path / "one", "--method", "wma", "--workers", "1")
+    assert json.loads((tmp_path / "one" / "pma_provenance.json").read_text())["processes"] == 1
     r = _merge(gpt_tp2, tmp_path / "three", "--method", "wma", "--workers", "3")
     assert r.stdout.count("merged 3 checkpoints") == 1  # only the parent reports
     one, three = _files(tmp_path / "one"), _files(tmp_path / "three")
@@ -166,3 +168,21 @@ def test_save_dir_window_tracker_and_inspect(gpt_tp2, tmp_path):
     assert info["tracker"] == 30 and info["checkpoints"][0]["iteration"] == 30
     # the input save dir's tracker is untouched
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+
+
+def test_default_workers_one_per_core(gpt_tp2, tmp_path):
+    """Without --workers (and without $MEGATRON_PMA_WORKERS) the CLI forks one process per usable
+    core, at most 8, and writes the same bytes as one process; under torchrun it stays one per rank."""
+    import os
+
+    from megatron_pma.commands.merge import MAX_AUTO_WORKERS
+
+    want = max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
+    r = cli("merge", *gpt_tp2, "--output", tmp_path / "auto", "--quiet", env={"MEGATRON_PMA_WORKERS": "auto"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "auto" / "pma_provenance.json").read_text())["processes"] == want
+    _merge(gpt_tp2, tmp_path / "one", "--workers", "1")
+    one, auto = _files(tmp_path / "one"), _files(tmp_path / "auto")
+    assert one.keys() == auto.keys() and all(one[n] == auto[n] for n in one)
+    r = cli("merge", *gpt_tp2, "--output", tmp_path / "bad", "--workers", "0")
+    assert r.returncode == 2 and "must be >= 1" in r.stderr and not (tmp_path / "bad").exists()
