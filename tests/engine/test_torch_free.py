@@ -136,3 +136,18 @@ def test_tensor_properties_of_older_torch_keep_their_form():
     data = dcp_types.dumps(old)
     back = dcp_types.loads(data)
     assert back.dtype is dcp_types.bfloat16 and dcp_types.dumps(back) == data
+
+
+def test_zip64_sized_chunks_fall_back_to_torch_save(gpt_tp2, tmp_path, monkeypatch):
+    """A chunk whose blob would need ZIP64 (> 4 GiB) is assembled and written by torch.save itself;
+    with the limit lowered so that every chunk takes that path, the output is byte-identical."""
+    from megatron_pma.checkpoint import torch_zip
+    from megatron_pma.merge import merge_checkpoints
+
+    merge_checkpoints(gpt_tp2, tmp_path / "streamed", progress=False, fsync=False)
+    monkeypatch.setattr(torch_zip, "_ZIP32_LIMIT", 0)
+    merge_checkpoints(gpt_tp2, tmp_path / "torch_save", progress=False, fsync=False)
+    names = sorted(p.name for p in (tmp_path / "streamed").iterdir() if p.name != "pma_provenance.json")
+    assert names == sorted(p.name for p in (tmp_path / "torch_save").iterdir() if p.name != "pma_provenance.json")
+    for name in names:
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "torch_save" / name).read_bytes(), name
