@@ -35,7 +35,6 @@ import torch
 
 from megatron_pma import schedules
 from megatron_pma.checkpoint import legacy, publish, torch_pickle
-from megatron_pma.checkpoint.legacy import any_legacy  # noqa: F401  (inspect and merge ask here)
 from megatron_pma.checkpoint.discovery import check_checkpoint_dir, iteration_from_name
 from megatron_pma.errors import PMAError
 

@@ -407,10 +407,7 @@ def _merged_slabs(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: b
     weight, and the sum is narrowed back. Finiteness is checked through the slab's sum (one
     reduction); only a non-finite sum triggers the exact per-input search.
     """
-    locs = []
-    for ckpt in plan.inputs:
-        loc = reader.locate(ckpt, job)
-        locs.append(loc if loc.contiguous else None)
+    sources = [_source(reader, ckpt, job) for ckpt in plan.inputs]
     numel = math.prod(job.shape)
     raw_t, acc_t = slab_math.raw_dtype(job.dtype), slab_math.acc_dtype(job.dtype)
     in_place = raw_t == acc_t
@@ -422,8 +419,8 @@ def _merged_slabs(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: b
         acc = scratch.get(acc_t, n, "acc")
         raw = scratch.get(raw_t, n, "raw")
         wide = raw if in_place else scratch.get(acc_t, n, "wide")
-        for i, (ckpt, loc, w) in enumerate(zip(plan.inputs, locs, plan.weights)):
-            _read_or_load(reader, ckpt, job, loc, acc if (i == 0 and in_place) else raw, first, n)
+        for i, (src, w) in enumerate(zip(sources, plan.weights)):
+            _read_slab(reader, src, acc if (i == 0 and in_place) else raw, first)
             if i == 0:
                 if not in_place:
                     slab_math.widen(raw, job.dtype, acc)
@@ -433,9 +430,9 @@ def _merged_slabs(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: b
                     slab_math.widen(raw, job.dtype, wide)
                 np.multiply(wide, w, out=wide)
                 np.add(acc, wide, out=acc)
-        finite = slab_math.all_finite(acc)
+        finite = slab_math.all_finite(acc) if (check or not in_place) else True  # narrow() wants to know
         if check and not finite:
-            _raise_nonfinite(plan, job, reader, locs, scratch, first, n)
+            _raise_nonfinite(plan, job, reader, sources, scratch, first, n)
         if in_place:
             yield acc
         else:
@@ -443,21 +440,29 @@ def _merged_slabs(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: b
             yield raw
 
 
-def _read_or_load(reader, ckpt, job, loc, buf, first, n):
-    if loc is not None:
-        reader.read_into(loc, buf[:n], first)
-    else:  # strided storage inside the blob: rare; fall back to torch.load
-        path, info = reader.storage(ckpt, job.index)
-        full = dcp.load_blob_bytes(path, info.offset, info.length)
-        size = buf.itemsize
-        buf[:n].view(np.uint8)[:] = full[first * size:(first + n) * size]
+def _source(reader: _Reader, ckpt: InputCheckpoint, job: Job):
+    """Where a chunk's elements are read from: its located bytes in the file, or (strided storage
+    inside the blob: rare) the whole tensor loaded once with torch.load, as raw bytes."""
+    loc = reader.locate(ckpt, job)
+    if loc.contiguous:
+        return loc
+    path, info = reader.storage(ckpt, job.index)
+    return dcp.load_blob_bytes(path, info.offset, info.length)
 
 
-def _raise_nonfinite(plan, job, reader, locs, scratch, first, n):
+def _read_slab(reader: _Reader, src, buf: np.ndarray, first: int) -> None:
+    """Elements [first, first + buf.size) of a chunk into ``buf``."""
+    if isinstance(src, dcp.TensorLocation):
+        reader.read_into(src, buf, first)
+    else:
+        buf.view(np.uint8)[:] = src[first * buf.itemsize:(first + buf.size) * buf.itemsize]
+
+
+def _raise_nonfinite(plan, job, reader, sources, scratch, first, n):
     raw = scratch.get(slab_math.raw_dtype(job.dtype), n, "raw")
     wide = scratch.get(slab_math.acc_dtype(job.dtype), n, "wide")
-    for ckpt, loc in zip(plan.inputs, locs):
-        _read_or_load(reader, ckpt, job, loc, raw, first, n)
+    for ckpt, src in zip(plan.inputs, sources):
+        _read_slab(reader, src, raw, first)
         if not np.isfinite(slab_math.widen(raw, job.dtype, wide)).all():
             raise PMAError(f"{ckpt.label}: key {job.key} holds NaN/Inf (pass --allow-nonfinite to merge anyway)")
     raise PMAError(f"key {job.key}: merged values overflow to Inf")
@@ -523,7 +528,7 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, s
                     _save_merged(out, job, _merged_slabs(plan, job, reader, allow_nonfinite, scratch), scratch)
                 else:  # byte objects, and chunks the newest input decides: its blob, verbatim
                     src_path, info = reader.storage(plan.newest, job.index)
-                    _copy_range(reader.file(src_path), src_path, info.offset, info.length, out)
+                    _copy_range(src_path, info.offset, info.length, out)
                 storage[job.index] = StorageInfo(path.name, start, f.tell() - start)
                 progress(job.nbytes)
             if fsync:  # each rank syncs its own files, in parallel; publish() then finds them clean
@@ -534,13 +539,9 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, s
     return storage
 
 
-def _copy_range(src, src_path: str, offset: int, length: int, f, piece: int = 64 << 20) -> None:
-    for pos in range(offset, offset + length, piece):
-        n = min(piece, offset + length - pos)
-        data = os.pread(src.fileno(), n, pos)
-        if len(data) != n:
-            raise PMAError(f"{src_path}: truncated (wanted {n} bytes at {pos}, got {len(data)})")
-        f.write(data)
+def _copy_range(src_path: str, offset: int, length: int, f, piece: int = 64 << 20) -> None:
+    for pos in range(offset, offset + length, piece):  # pieces: a big kept moment never sits in memory whole
+        f.write(dcp.read_bytes(src_path, pos, min(piece, offset + length - pos)))
 
 
 def _reraise_os_error(f) -> None:
@@ -636,8 +637,9 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
     has one (so Megatron's ``--verify-integrity`` loads it). Under ``torchrun``/``srun`` (or an
     initialised process group) the work is split over ranks; every rank gets the result.
     ``threads``: torch intra-op threads per process for legacy merges (default 1: more cores pay
-    off as more processes); the torch_dist path computes with numpy, one thread per process. ``workers``: fork this many processes
-    (one gloo group, no launcher needed) and split the work over them, like torchrun would.
+    off as more processes); the torch_dist path computes with numpy, one thread per process.
+    ``workers``: fork this many processes (socketpairs, no launcher, no torch) and split the work
+    over them, like torchrun would.
     """
     t0 = time.perf_counter()
     output = Path(output)

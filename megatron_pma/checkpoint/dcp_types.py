@@ -101,7 +101,11 @@ class Size(tuple):
 
 
 class StandIn:
-    """An object of a class we did not import (planner items, enums, torch.layout, ...)."""
+    """An object of a class we did not import (planner items, enums, torch.layout, ...).
+
+    Its state's names are interned, as CPython's own BUILD does: torch's pickler memoizes them by
+    identity, so this keeps re-pickled bytes identical.
+    """
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
@@ -119,12 +123,6 @@ class StandIn:
         if "_pma_call" in d:
             return type(self), d["_pma_call"], d.get("_pma_state")
         return copyreg.__newobj__, (type(self), *d.get("_pma_new", ())), d.get("_pma_state")
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.__dict__ == other.__dict__
-
-    def __hash__(self):
-        return hash((type(self).__name__, repr(self.__dict__.get("_pma_call"))))
 
 
 def _interned(state):

@@ -12,7 +12,6 @@ private to this process (copy-on-write), the file is never modified.
 
 from __future__ import annotations
 
-import copyreg
 import os
 import pickle
 import types
@@ -20,30 +19,18 @@ from pathlib import Path
 
 import torch
 
+from megatron_pma.checkpoint import dcp_types
+
 _SAFE_PACKAGES = {"torch", "collections", "argparse", "builtins", "numpy", "copyreg", "_codecs",
                   "datetime", "pathlib", "enum", "types", "functools", "signal", "math"}
 
 
-class StandIn:
-    """An object of a class we did not import; pickles back to what was read."""
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj.__dict__["_pma_new"] = args
-        return obj
-
-    def __init__(self, *args, **kwargs):  # only a REDUCE (a call of the class) runs this
-        self.__dict__["_pma_call"] = args
+class StandIn(dcp_types.StandIn):
+    """An object of a class we did not import; pickles back to what was read (its state's strings
+    kept as read: see ``_load_build``)."""
 
     def __setstate__(self, state):
         self.__dict__["_pma_state"] = state
-
-    def __reduce_ex__(self, protocol):
-        d = self.__dict__
-        state = d.get("_pma_state")
-        if "_pma_call" in d:
-            return type(self), d["_pma_call"], state
-        return copyreg.__newobj__, (type(self), *d.get("_pma_new", ())), state
 
     def __repr__(self):
         module, name = type(self)._pma_origin

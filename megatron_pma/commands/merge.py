@@ -11,6 +11,10 @@ from megatron_pma.cli_common import add_schedule_arguments, schedule_kwargs, win
 from megatron_pma.errors import PMAError
 
 
+MAX_AUTO_WORKERS = 8  # the default output has 8 files or more; beyond this, the disk is the limit
+WORKERS_ENV = "MEGATRON_PMA_WORKERS"  # e.g. 1 on a shared login node
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="*", type=Path, help="checkpoint dirs (any order; sorted by iteration)")
     p.add_argument("--save-dir", type=Path, help="pick the window from this Megatron save dir (or NeMo 2 checkpoints/ dir) instead")
@@ -29,10 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"core, at most {MAX_AUTO_WORKERS} (1 under torchrun/srun, where each rank is one); "
                         f"${WORKERS_ENV} changes the default")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-
-
-MAX_AUTO_WORKERS = 8  # the default output has 8 files or more; beyond this, the disk is the limit
-WORKERS_ENV = "MEGATRON_PMA_WORKERS"  # e.g. 1 on a shared login node
 
 
 def _workers(value: str) -> int | None:

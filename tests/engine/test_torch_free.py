@@ -151,3 +151,20 @@ def test_zip64_sized_chunks_fall_back_to_torch_save(gpt_tp2, tmp_path, monkeypat
     assert names == sorted(p.name for p in (tmp_path / "torch_save").iterdir() if p.name != "pma_provenance.json")
     for name in names:
         assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "torch_save" / name).read_bytes(), name
+
+
+def test_strided_blobs_are_read_through_torch_load(gpt_tp2, tmp_path, monkeypatch):
+    """A chunk whose blob stores a strided view is loaded once with torch.load and sliced per
+    slab; forcing that path for every chunk gives the same bytes."""
+    import dataclasses
+
+    from megatron_pma.checkpoint import dcp
+    from megatron_pma.merge import merge_checkpoints
+
+    merge_checkpoints(gpt_tp2, tmp_path / "direct", progress=False, fsync=False)
+    located = dcp.locate_tensor
+    monkeypatch.setattr(dcp, "locate_tensor", lambda *a: dataclasses.replace(located(*a), contiguous=False))
+    merge_checkpoints(gpt_tp2, tmp_path / "loaded", progress=False, fsync=False)
+    for f in (tmp_path / "direct").iterdir():
+        if f.name != "pma_provenance.json":
+            assert f.read_bytes() == (tmp_path / "loaded" / f.name).read_bytes(), f.name
