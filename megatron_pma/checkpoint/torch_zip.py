@@ -299,11 +299,8 @@ class TensorWriter:
             raise ValueError(f"{self._written} bytes of data written, the tensor has {self.nbytes}")
         self._records.append((b"data/0", self._data_header, self.nbytes, self._crc))
         self._pos += self.nbytes
-        if self.nbytes >= 8 and self._first8[:4] == b"PK\x07\x08":  # torch mistakes it for a descriptor
-            self._crc_chain = _hash_combine(self._crc_chain, int.from_bytes(self._first8[4:8], "little"))
         tail = bytearray()
-        if self.nbytes:
-            self._descriptor(tail, self._crc, self.nbytes)
+        self._finish_record(tail, self._first8, self.nbytes, self._crc)
         self._small(tail, *_VERSION)
         self._small(tail, _SID_NAME, _NAME_HASH_DIGITS + b"%020d" % self._crc_chain)
         central = bytearray()
@@ -324,10 +321,14 @@ class TensorWriter:
         assert written == self._total
         return written
 
-    def _descriptor(self, out: bytearray, crc: int, size: int) -> None:
-        out += _DESCRIPTOR.pack(_DESCRIPTOR_SIG, crc, size, size)
-        self._crc_chain = _hash_combine(self._crc_chain, crc)
-        self._pos += _DESCRIPTOR.size
+    def _finish_record(self, out: bytearray, first8: bytes, size: int, crc: int) -> None:
+        """After a record's data: its descriptor, and both into serialization_id's CRC chain."""
+        if size >= 8 and first8[:4] == b"PK\x07\x08":  # torch mistakes such data for a descriptor
+            self._crc_chain = _hash_combine(self._crc_chain, int.from_bytes(first8[4:8], "little"))
+        if size:
+            out += _DESCRIPTOR.pack(_DESCRIPTOR_SIG, crc, size, size)
+            self._crc_chain = _hash_combine(self._crc_chain, crc)
+            self._pos += _DESCRIPTOR.size
 
     def _small(self, out: bytearray, name: bytes, payload: bytes) -> None:
         crc = zlib.crc32(payload)
@@ -335,7 +336,4 @@ class TensorWriter:
         self._records.append((name, self._pos, len(payload), crc))  # the local header's offset
         out += header + payload
         self._pos += len(header) + len(payload)
-        if len(payload) >= 8 and payload[:4] == b"PK\x07\x08":
-            self._crc_chain = _hash_combine(self._crc_chain, int.from_bytes(payload[4:8], "little"))
-        if payload:
-            self._descriptor(out, crc, len(payload))
+        self._finish_record(out, payload[:8], len(payload), crc)
