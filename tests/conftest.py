@@ -32,6 +32,12 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings
+
+# Property tests are derandomized everywhere (CI and the README's command): the same examples
+# every run, no example database replaying an old failure. A flake would cost a whole CI run.
+settings.register_profile("deterministic", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # `merge --workers` defaults to one process per core: tests say when they want more (and the CLI
