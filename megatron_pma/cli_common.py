@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_pma.errors import PMAError
+from megatron_pma.names import OPTIMIZER_MODES
 
 
 def _weights(text: str) -> list[float]:
@@ -22,7 +23,7 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *, window: bool = Tr
     g.add_argument("--alpha", type=float, default=0.2, help="EMA smoothing factor (default 0.2)")
     g.add_argument("--weights", type=_weights, default=None, help="custom weights w1,w2,... oldest first")
     g.add_argument("--normalize", action="store_true", help="rescale custom weights to sum to 1")
-    g.add_argument("--optimizer", default="drop", choices=["drop", "average", "keep-last-moments"],
+    g.add_argument("--optimizer", default="drop", choices=OPTIMIZER_MODES,
                    help="optimizer state in the output (default drop: resume with --no-load-optim/--finetune)")
     if window:
         w = parser.add_argument_group("window (with --save-dir)")

@@ -1,124 +1,28 @@
-"""The merge engine: plan -> per-rank streaming weighted sum -> write -> atomic publish.
+"""The one front door of the merge engine: detect -> plan -> run -> publish.
 
-Works directly on Megatron-Core ``torch_dist`` checkpoints. No model is built and nothing is
-resharded: every stored chunk (key, offsets) of the output is the weighted sum of the same chunk
-of every input, accumulated in fp32 slab by slab and streamed to the output in the input dtype.
-Memory per process is a few 4 MiB slabs, whatever the model size or k (a chunk past 4 GiB, which
-needs ZIP64, is assembled whole for torch.save). numpy does the arithmetic: torch is never
-imported. Under ``torchrun`` / ``srun`` / ``--workers`` the output files are split over ranks;
-which chunk lands in which output file does not depend on the number of processes, so 1 and P
-processes write the same bytes.
+    merge_checkpoints(inputs, output, method="sma", optimizer="drop", ...)
+
+The *format* of the inputs (:mod:`megatron_pma.formats`: torch_dist, legacy torch) plans the merge
+and writes the tensors; their *layout* (:mod:`megatron_pma.layouts`: Megatron-LM, NeMo 2,
+Megatron-Bridge) says where the tensor files go, which side files come along and which trackers
+point at the result. This module runs the steps in order on every rank, keeps the ranks in step
+(an error on one fails all, with the first error's line), and publishes atomically on rank 0.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-import shutil
-import socket
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from megatron_pma import __version__, schedules, slab_math
-from megatron_pma.checkpoint import dcp, dcp_types, integrity, legacy, nemo, publish, torch_zip, writeback
-from megatron_pma.checkpoint.dcp_types import (
-    DType,
-    Metadata,
-    MetadataIndex,
-    StorageInfo,
-    TensorStorageMetadata,
-)
-from megatron_pma.checkpoint.discovery import (
-    ITER_DIR,
-    check_checkpoint_dir,
-    is_complete,
-    iteration_from_name,
-    read_tracker,
-)
-from megatron_pma.checkpoint.common_state import read_common_state
+from megatron_pma import formats, output as out
+from megatron_pma.checkpoint import publish
 from megatron_pma.errors import PMAError
+from megatron_pma.formats.torch_dist import load_input, optimizer_role  # noqa: F401 (inspect's API)
+from megatron_pma.names import OPTIMIZER_MODES, PROVENANCE_FILE
 from megatron_pma.parallel import Group
-
-OPTIMIZER_MODES = ("drop", "average", "keep-last-moments")
-PROVENANCE_FILE = "pma_provenance.json"
-# 1 Mi elements (4 MiB of fp32): the accumulator and read buffer of a slab stay in the CPU cache
-# while the k inputs are added, so each input byte crosses DRAM once (the page-cache copy).
-SLAB_ELEMENTS = 1 << 20
-_CHAINED = re.compile(r"^chained_\d+\.")
-_STATE_ROLES = {"fp32_param": "param", "param": "param", "exp_avg": "moment", "exp_avg_sq": "moment"}
-# Files we regenerate; everything else at the top of the newest input is copied verbatim.
-_REGENERATED = {dcp.METADATA_FILE, PROVENANCE_FILE, "integrity.json"}
-
-
-@dataclass
-class InputCheckpoint:
-    path: Path                  # the torch_dist files (a NeMo 2 checkpoint's weights/)
-    iteration: int
-    metadata: Metadata
-    root: Path | None = None    # the NeMo 2 checkpoint dir, None for Megatron-LM
-
-    @property
-    def outer(self) -> Path:
-        return self.root or self.path
-
-    @property
-    def label(self) -> str:
-        return str(self.outer)
-
-
-@dataclass
-class Job:
-    """One output item: a tensor chunk (merged or copied) or a byte object (copied)."""
-
-    key: str
-    offsets: tuple | None          # None for byte objects
-    shape: tuple = ()
-    dtype: DType | None = None
-    merge: bool = True             # False: take the newest input's bytes
-    nbytes: int = 0
-
-    @property
-    def index(self) -> MetadataIndex:
-        return MetadataIndex(self.key, self.offsets)
-
-
-@dataclass
-class MergePlan:
-    inputs: list[InputCheckpoint]
-    weights: list[float]
-    jobs: list[Job]
-    num_files: int
-    kept_keys: list[str]
-    method: str
-    optimizer: str
-
-    @property
-    def newest(self) -> InputCheckpoint:
-        return self.inputs[-1]
-
-    @property
-    def nemo(self) -> bool:
-        """NeMo 2 inputs: the output is one too (weights/ + the newest input's context/)."""
-        return self.newest.root is not None
-
-    def files(self) -> list[list[Job]]:
-        """Deterministic, balanced assignment of jobs to output files (largest first)."""
-        buckets: list[list[Job]] = [[] for _ in range(self.num_files)]
-        load = [0] * self.num_files
-        for job in sorted(self.jobs, key=lambda j: (-j.nbytes, j.key, j.offsets or ())):
-            b = min(range(self.num_files), key=lambda i: (load[i], i))
-            buckets[b].append(job)
-            load[b] += max(job.nbytes, 1)
-        for bucket in buckets:  # write in key order: friendlier to readers
-            bucket.sort(key=lambda j: (j.key, j.offsets or ()))
-        return buckets
 
 
 @dataclass
@@ -132,486 +36,6 @@ class MergeResult:
     inputs: list[Path] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------------------
-# Key roles (Megatron naming, see megatron-core dist_checkpointing/optimizer.py and
-# optimizer/distrib_optimizer.py)
-
-
-def optimizer_role(key: str) -> str | None:
-    """None for model state; "param" for fp32 main params; "moment" for Adam moments; "other".
-
-    The model key inside an optimizer key may carry a wrapper prefix (NeMo 2: ``module.``), and
-    a ChainedOptimizer of several optimizers (MoE: dense + expert) prefixes ``chained_<i>.``.
-    """
-    key = _CHAINED.sub("", key, count=1)
-    if not key.startswith("optimizer."):
-        return None
-    parts = key.split(".")
-    if key.startswith("optimizer.state.") and len(parts) > 3:
-        # optimizer.state.<kind>.<model key>: only <kind> says what it is, whatever the model key
-        return _STATE_ROLES.get(parts[2], "other")
-    if "fp32_param" in parts or parts[-1] == "param":
-        return "param"
-    if "exp_avg" in parts or "exp_avg_sq" in parts or parts[-1] in ("exp_avg", "exp_avg_sq"):
-        return "moment"
-    return "other"
-
-
-def _keep_key(key: str, optimizer: str) -> bool:
-    return not (optimizer == "drop" and optimizer_role(key) is not None)
-
-
-def _merge_key(key: str, optimizer: str, dtype: DType) -> bool:
-    if not dtype.is_floating_point:
-        return False  # step counters and the like: newest wins
-    role = optimizer_role(key)
-    if role is None or role == "param":
-        return True  # model weights and the fp32 master copy must move together (see README)
-    return optimizer == "average"  # moments and other optimizer state
-
-
-# ---------------------------------------------------------------------------------------------
-# Planning: every check that can fail runs here, before any output exists.
-
-
-def load_input(path: Path) -> InputCheckpoint:
-    path = Path(path)
-    check_checkpoint_dir(path)
-    root = nemo.root_of(path)
-    if root is not None:  # NeMo 2: read weights/, name and marker belong to the outer dir
-        path = _nemo_weights(root)
-    if legacy.is_legacy_checkpoint(path):  # legacy_merge takes all-legacy sets
-        raise PMAError(f"{path}: mixed checkpoint formats: a legacy --ckpt-format torch checkpoint among "
-                       "torch_dist ones; merge checkpoints of one format")
-    if not is_complete(path):
-        raise PMAError(f"{path}: no {dcp.MEGATRON_METADATA_FILE} (incomplete save, or not a "
-                       "Megatron dist checkpoint)")
-    try:
-        meta = json.loads((path / dcp.MEGATRON_METADATA_FILE).read_text())
-    except PermissionError:
-        raise PMAError(f"{path / dcp.MEGATRON_METADATA_FILE}: permission denied") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PMAError(f"{path / dcp.MEGATRON_METADATA_FILE}: not valid JSON ({e})") from None
-    backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
-    if backend != "torch_dist":
-        raise PMAError(f"{path}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
-    md = dcp.read_metadata(path)
-    _check_files(path, md)
-    state = read_common_state(path, md)  # unreadable common state fails here, before any output exists
-    if root is not None:
-        return InputCheckpoint(path, _nemo_step(root, state), md, root)
-    iteration = iteration_from_name(path)
-    if iteration is None:
-        iteration = state.get("iteration") if state else None
-        if not isinstance(iteration, int):
-            raise PMAError(f"{path}: cannot tell its iteration (name it iter_XXXXXXX)")
-    return InputCheckpoint(path, iteration, md)
-
-
-def _nemo_weights(root: Path) -> Path:
-    nemo.check_finished(root)
-    weights = root / nemo.WEIGHTS
-    if not weights.is_dir():
-        raise PMAError(f"{root}: NeMo 2 checkpoint without {nemo.WEIGHTS}/ (incomplete save?)")
-    return weights
-
-
-def _nemo_step(root: Path, state: dict | None) -> int:
-    """``step=N`` in the name, else ``iter_XXXXXXX`` (our outputs), else the saved global_step."""
-    for step in (nemo.step_from_name(root), iteration_from_name(root), nemo.step_from_state(state)):
-        if step is not None:
-            return step
-    raise PMAError(f"{root}: cannot tell its step (no step=N in the name, no global_step saved)")
-
-
-def _check_files(path: Path, md: Metadata) -> None:
-    """Every data file exists and is long enough for the chunks it should hold."""
-    needed: dict[str, int] = {}
-    for idx, info in md.storage_data.items():
-        if getattr(info, "transform_descriptors", None):
-            raise PMAError(f"{path}: key {idx.fqn} is stored with transforms "
-                           f"{info.transform_descriptors}; not supported")
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for rel, end in sorted(needed.items()):
-        file = path / rel
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            raise PMAError(f"{file}: missing data file") from None
-        if size < end:
-            raise PMAError(f"{file}: truncated ({size} bytes, metadata needs {end})")
-        if not os.access(file, os.R_OK):
-            raise PMAError(f"{file}: permission denied")
-
-
-def _describe(entry) -> str:
-    if isinstance(entry, TensorStorageMetadata):
-        return f"{entry.properties.dtype} {list(entry.size)}"
-    return "byte object"
-
-
-def check_layout(inputs: Sequence[InputCheckpoint], optimizer: str) -> list[str]:
-    """Same keys, global shapes, dtypes and chunk layout in every input; returns the kept keys.
-
-    Tensors are compared before byte objects: a different parallel layout then reads as
-    "sharded differently" rather than as a missing ``rng_state/shard_...`` object.
-    """
-    ref = inputs[-1]
-
-    def entries(c):
-        return {k: v for k, v in c.metadata.state_dict_metadata.items() if _keep_key(k, optimizer)}
-
-    ref_entries = entries(ref)
-    for tensors_only in (True, False):
-        for other in inputs[:-1]:
-            mine = entries(other)
-            r_keys = {k for k, v in ref_entries.items() if isinstance(v, TensorStorageMetadata) or not tensors_only}
-            o_keys = {k for k, v in mine.items() if isinstance(v, TensorStorageMetadata) or not tensors_only}
-            hint = "" if tensors_only else " (saved with a different parallel layout?)"
-            if r_keys - o_keys:
-                raise PMAError(f"{other.label}: missing key {min(r_keys - o_keys)} (present in {ref.label}){hint}")
-            if o_keys - r_keys:
-                raise PMAError(f"{other.label}: key {min(o_keys - r_keys)} is not in {ref.label}{hint}")
-            for key in sorted(r_keys):
-                _compare_entry(key, other, mine[key], ref, ref_entries[key])
-    return sorted(ref_entries)
-
-
-def _compare_entry(key, other, e, ref, r) -> None:
-    if type(e) is not type(r):
-        raise PMAError(f"{other.label}: key {key} is {_describe(e)}, {ref.label} has {_describe(r)}")
-    if not isinstance(r, TensorStorageMetadata):
-        return
-    if tuple(e.size) != tuple(r.size):
-        raise PMAError(f"{other.label}: key {key} has shape {list(e.size)}, {ref.label} has {list(r.size)}")
-    if e.properties.dtype != r.properties.dtype:
-        raise PMAError(f"{other.label}: key {key} has dtype {e.properties.dtype}, "
-                       f"{ref.label} has {r.properties.dtype}")
-    chunks_e = sorted((tuple(c.offsets), tuple(c.sizes)) for c in e.chunks)
-    chunks_r = sorted((tuple(c.offsets), tuple(c.sizes)) for c in r.chunks)
-    if chunks_e != chunks_r:
-        raise PMAError(f"{other.label}: key {key} is sharded differently ({len(chunks_e)} chunks vs "
-                       f"{len(chunks_r)} in {ref.label}); merge checkpoints saved with the same parallel layout")
-
-
-def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: float = 0.2,
-               weights: Sequence[float] | None = None, normalize: bool = False,
-               optimizer: str = "drop", num_files: int | None = None,
-               verify_integrity: bool = False) -> MergePlan:
-    if optimizer not in OPTIMIZER_MODES:
-        raise PMAError(f"--optimizer must be one of {', '.join(OPTIMIZER_MODES)}, got {optimizer!r}")
-    if not inputs:
-        raise PMAError("no input checkpoints given")
-    paths = [Path(p) for p in inputs]
-    seen: dict[Path, Path] = {}
-    for p in paths:
-        try:
-            real = (nemo.root_of(p) or p).resolve()  # a NeMo dir and its weights/ are one checkpoint
-        except PermissionError:
-            raise PMAError(f"{p}: permission denied") from None
-        if real in seen:
-            raise PMAError(f"{p}: the same checkpoint is given twice")
-        seen[real] = p
-    loaded = sorted((load_input(p) for p in paths), key=lambda c: c.iteration)
-    for a, b in zip(loaded, loaded[1:]):
-        if a.iteration == b.iteration:
-            raise PMAError(f"{b.label}: duplicate iteration {b.iteration} (also {a.label})")
-    for c in loaded[:-1]:
-        if (c.root is None) != (loaded[-1].root is None):
-            kinds = ("NeMo 2", "Megatron-LM") if c.root is not None else ("Megatron-LM", "NeMo 2")
-            raise PMAError(f"{c.label}: a {kinds[0]} checkpoint, but {loaded[-1].label} is a "
-                           f"{kinds[1]} one; merge checkpoints of one run")
-    w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize)
-    kept = check_layout(loaded, optimizer)
-    if verify_integrity:
-        for c in loaded:
-            integrity.verify(c.path)
-    newest = loaded[-1]
-    jobs: list[Job] = []
-    for key in kept:
-        entry = newest.metadata.state_dict_metadata[key]
-        if isinstance(entry, TensorStorageMetadata):
-            dtype = entry.properties.dtype
-            itemsize = dtype.itemsize
-            merge = _merge_key(key, optimizer, dtype) and len(loaded) > 1
-            if merge and not slab_math.supported(dtype):
-                raise PMAError(f"{newest.label}: key {key} is {dtype}; averaging {dtype} values "
-                               "(each checkpoint scaled its own way) is not supported")
-            for c in entry.chunks:
-                jobs.append(Job(key, tuple(c.offsets), tuple(c.sizes), dtype, merge,
-                                math.prod(c.sizes) * itemsize))
-        else:
-            jobs.append(Job(key, None, merge=False))
-    if num_files is None:
-        n_in = len({info.relative_path for info in newest.metadata.storage_data.values()})
-        num_files = max(n_in, 8)
-    num_files = max(1, min(num_files, len(jobs)))
-    return MergePlan(loaded, w, jobs, num_files, kept, method, optimizer)
-
-
-# ---------------------------------------------------------------------------------------------
-# Execution
-
-
-class _Reader:
-    """Per-process cache of open input files and located chunks."""
-
-    def __init__(self):
-        self._files: dict[str, object] = {}
-
-    def file(self, path: str):
-        f = self._files.get(path)
-        if f is None:
-            f = self._files[path] = open(path, "rb", buffering=0)
-        return f
-
-    def storage(self, ckpt: InputCheckpoint, index: MetadataIndex):
-        info = ckpt.metadata.storage_data.get(index)
-        if info is None:  # older metadata may carry a chunk index; match on key + offsets
-            info = next((v for i, v in ckpt.metadata.storage_data.items()
-                         if i.fqn == index.fqn and tuple(i.offset or ()) == tuple(index.offset or ())), None)
-        if info is None:
-            raise PMAError(f"{ckpt.label}: no stored data for key {index.fqn} at {list(index.offset or [])}")
-        return str(ckpt.path / info.relative_path), info
-
-    def locate(self, ckpt: InputCheckpoint, job: Job) -> dcp.TensorLocation:
-        path, info = self.storage(ckpt, job.index)
-        loc = dcp.locate_tensor(self.file(path), path, info.offset, info.length)
-        if tuple(loc.shape) != tuple(job.shape) or loc.dtype != job.dtype:
-            raise PMAError(f"{path}: key {job.key} chunk holds {loc.dtype} {list(loc.shape)}, "
-                           f"metadata says {job.dtype} {list(job.shape)}")
-        return loc
-
-    def read_into(self, loc: dcp.TensorLocation, buf: np.ndarray, first: int) -> None:
-        """Read elements [first, first + buf.size) of a located tensor into ``buf`` (raw view)."""
-        raw = buf.view(np.uint8)
-        pos = loc.data_offset + first * buf.itemsize
-        f = self.file(loc.path)
-        got = os.preadv(f.fileno(), [raw], pos)
-        if got != raw.nbytes:
-            raise PMAError(f"{loc.path}: truncated data at byte {pos}")
-
-    def close(self):
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
-def _merged_slabs(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: bool,
-                  scratch: slab_math.Scratch):
-    """A merged chunk's raw bytes in the input dtype, yielded slab by slab (each valid until the
-    next is asked for).
-
-    Per slab: the first input is read straight into the accumulator (fp32 / fp64 chunks: no
-    widening), every further input is read into one reusable buffer, widened and added with its
-    weight, and the sum is narrowed back. Finiteness is checked through the slab's sum (one
-    reduction); only a non-finite sum triggers the exact per-input search.
-    """
-    sources = [_source(reader, ckpt, job) for ckpt in plan.inputs]
-    numel = math.prod(job.shape)
-    raw_t, acc_t = slab_math.raw_dtype(job.dtype), slab_math.acc_dtype(job.dtype)
-    in_place = raw_t == acc_t
-    # Distributed-optimizer buckets hold padding that Megatron leaves uninitialised (torch.empty):
-    # junk there is harmless and must not fail the merge.
-    check = not allow_nonfinite and not _CHAINED.sub("", job.key).startswith("optimizer.distributed.")
-    for first in range(0, numel, SLAB_ELEMENTS):
-        n = min(SLAB_ELEMENTS, numel - first)
-        acc = scratch.get(acc_t, n, "acc")
-        raw = scratch.get(raw_t, n, "raw")
-        wide = raw if in_place else scratch.get(acc_t, n, "wide")
-        for i, (src, w) in enumerate(zip(sources, plan.weights)):
-            _read_slab(reader, src, acc if (i == 0 and in_place) else raw, first)
-            if i == 0:
-                if not in_place:
-                    slab_math.widen(raw, job.dtype, acc)
-                np.multiply(acc, w, out=acc)
-            else:
-                if not in_place:
-                    slab_math.widen(raw, job.dtype, wide)
-                np.multiply(wide, w, out=wide)
-                np.add(acc, wide, out=acc)
-        finite = slab_math.all_finite(acc) if (check or not in_place) else True  # narrow() wants to know
-        if check and not finite:
-            _raise_nonfinite(plan, job, reader, sources, scratch, first, n)
-        if in_place:
-            yield acc
-        else:
-            slab_math.narrow(acc, job.dtype, raw, scratch.get(np.dtype(np.uint32), n, "bits"), finite)
-            yield raw
-
-
-def _source(reader: _Reader, ckpt: InputCheckpoint, job: Job):
-    """Where a chunk's elements are read from: its located bytes in the file, or (strided storage
-    inside the blob: rare) the whole tensor loaded once with torch.load, as raw bytes."""
-    loc = reader.locate(ckpt, job)
-    if loc.contiguous:
-        return loc
-    path, info = reader.storage(ckpt, job.index)
-    return dcp.load_blob_bytes(path, info.offset, info.length)
-
-
-def _read_slab(reader: _Reader, src, buf: np.ndarray, first: int) -> None:
-    """Elements [first, first + buf.size) of a chunk into ``buf``."""
-    if isinstance(src, dcp.TensorLocation):
-        reader.read_into(src, buf, first)
-    else:
-        buf.view(np.uint8)[:] = src[first * buf.itemsize:(first + buf.size) * buf.itemsize]
-
-
-def _raise_nonfinite(plan, job, reader, sources, scratch, first, n):
-    raw = scratch.get(slab_math.raw_dtype(job.dtype), n, "raw")
-    wide = scratch.get(slab_math.acc_dtype(job.dtype), n, "wide")
-    for ckpt, src in zip(plan.inputs, sources):
-        _read_slab(reader, src, raw, first)
-        if not np.isfinite(slab_math.widen(raw, job.dtype, wide)).all():
-            raise PMAError(f"{ckpt.label}: key {job.key} holds NaN/Inf (pass --allow-nonfinite to merge anyway)")
-    raise PMAError(f"key {job.key}: merged values overflow to Inf")
-
-
-def _save_merged(out: "_Output", job: Job, slabs, scratch: slab_math.Scratch) -> None:
-    """A merged chunk as a torch.save blob, streamed slab by slab: no chunk-sized buffer.
-    Blobs past 4 GiB need ZIP64: assembled in memory and left to torch.save itself."""
-    writer = torch_zip.TensorWriter.start(out, dcp_types.STORAGE_OF[job.dtype.name], job.shape)
-    if writer is not None:
-        for slab in slabs:
-            writer.write(slab)
-        writer.close()
-        return
-    import torch
-
-    data, pos = scratch.output(math.prod(job.shape) * job.dtype.itemsize), 0
-    for slab in slabs:
-        data[pos:pos + slab.nbytes] = slab.view(np.uint8)
-        pos += slab.nbytes
-    try:
-        torch.save(torch.frombuffer(data, dtype=job.dtype.torch).view(job.shape), out.file)
-    except RuntimeError as e:  # torch's zip writer hides the OSError
-        _reraise_os_error(out.file)
-        raise PMAError(f"{out.file.name}: write failed ({e})") from None
-
-
-class _Output:
-    """An output file that queues what was written for writeback every few MiB (see
-    :mod:`writeback`): the disk then writes while the merge computes, and the closing fsync
-    finds little left to do."""
-
-    STEP = 16 << 20
-
-    def __init__(self, file, fsync: bool):
-        self.file, self._fsync, self._queued = file, fsync, 0
-
-    def write(self, data) -> int:
-        n = self.file.write(data)
-        if self._fsync:
-            pos = self.file.tell()
-            if pos - self._queued >= self.STEP:
-                writeback.start(self.file.fileno(), self._queued, pos - self._queued)
-                self._queued = pos
-        return n
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def tell(self) -> int:
-        return self.file.tell()
-
-
-def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, scratch: slab_math.Scratch,
-                allow_nonfinite: bool, progress, fsync: bool) -> dict[MetadataIndex, StorageInfo]:
-    storage: dict[MetadataIndex, StorageInfo] = {}
-    try:
-        with open(path, "wb") as f:
-            out = _Output(f, fsync)
-            for job in jobs:
-                start = f.tell()
-                if job.merge:
-                    _save_merged(out, job, _merged_slabs(plan, job, reader, allow_nonfinite, scratch), scratch)
-                else:  # byte objects, and chunks the newest input decides: its blob, verbatim
-                    src_path, info = reader.storage(plan.newest, job.index)
-                    _copy_range(src_path, info.offset, info.length, out)
-                storage[job.index] = StorageInfo(path.name, start, f.tell() - start)
-                progress(job.nbytes)
-            if fsync:  # each rank syncs its own files, in parallel; publish() then finds them clean
-                f.flush()
-                os.fsync(f.fileno())
-    except OSError as e:
-        raise PMAError(f"{path}: write failed ({os.strerror(e.errno) if e.errno else e})") from None
-    return storage
-
-
-def _copy_range(src_path: str, offset: int, length: int, f, piece: int = 64 << 20) -> None:
-    for pos in range(offset, offset + length, piece):  # pieces: a big kept moment never sits in memory whole
-        f.write(dcp.read_bytes(src_path, pos, min(piece, offset + length - pos)))
-
-
-def _reraise_os_error(f) -> None:
-    """Surface the real OS error (ENOSPC, EFBIG, EIO) behind a failed torch.save."""
-    f.write(b"\0")
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _write_metadata(plan: MergePlan, stage: Path, storage: dict) -> None:
-    src = plan.newest.metadata
-    kept = set(plan.kept_keys)
-    state_md = {k: v for k, v in src.state_dict_metadata.items() if k in kept}
-    planner_data = src.planner_data
-    if isinstance(planner_data, dict):
-        planner_data = {k: v for k, v in planner_data.items() if k in kept}
-    ordered = {}
-    for job in sorted(plan.jobs, key=lambda j: (j.key, j.offsets or ())):
-        ordered[job.index] = storage[job.index]
-    md = Metadata(state_dict_metadata=state_md, planner_data=planner_data, storage_data=ordered,
-                  storage_meta=None, version=getattr(src, "version", None))
-    mcore_data = getattr(src, "mcore_data", None)
-    if mcore_data is not None:  # keep what old megatron readers look for, as a plain attribute
-        md.mcore_data = {k: v for k, v in mcore_data.items() if k in kept} if isinstance(mcore_data, dict) else mcore_data
-    (stage / dcp.METADATA_FILE).write_bytes(dcp_types.dumps(md))
-
-
-def _copy_common_files(newest: Path, stage: Path) -> None:
-    for entry in os.scandir(newest):
-        name = entry.name
-        if name in _REGENERATED or name.endswith(".distcp") or name.startswith("."):
-            continue
-        target = stage / name
-        if entry.is_dir(follow_symlinks=False):
-            shutil.copytree(entry.path, target, symlinks=True)
-        else:
-            shutil.copy2(entry.path, target, follow_symlinks=False)
-
-
-def provenance(plan, alpha: float, output: Path, world: int, seconds: float, **extra) -> dict:
-    """``pma_provenance.json`` of a merge plan (torch_dist or legacy): what was merged, how, by whom."""
-    return {
-        "tool": "megatron-pma",
-        "version": __version__,
-        **{k: v for k, v in extra.items() if k == "format"},
-        "method": plan.method,
-        "alpha": alpha if plan.method == "ema" else None,
-        "optimizer": plan.optimizer,
-        "inputs": [{"path": str(c.outer.resolve()), "iteration": c.iteration, "weight": w}
-                   for c, w in zip(plan.inputs, plan.weights)],
-        "iteration": plan.newest.iteration,
-        "output": str(output),
-        **{k: v for k, v in extra.items() if k != "format"},
-        "processes": world,
-        "seconds": round(seconds, 3),
-        "host": socket.gethostname(),
-        "created_unix": round(time.time(), 3),
-    }
-
-
-def _make_progress(enabled: bool, total: int):
-    if not enabled:
-        return lambda n: None, lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
-               dynamic_ncols=True, leave=False)
-    return bar.update, bar.close
-
-
 def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, method: str = "sma",
                       alpha: float = 0.2, weights: Sequence[float] | None = None,
                       normalize: bool = False, optimizer: str = "drop", force: bool = False,
@@ -619,8 +43,7 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
                       progress: bool = True, fsync: bool = True,
                       num_files: int | None = None, verify_integrity: bool = False,
                       threads: int | None = None, workers: int = 1) -> MergeResult:
-    """Average Megatron ``torch_dist`` checkpoints of one run into a new checkpoint (legacy
-    ``--ckpt-format torch`` ones go to :mod:`megatron_pma.legacy_merge`, same contract).
+    """Average checkpoints of one run into a new checkpoint of the same layout and format.
 
     Inputs are sorted oldest -> newest by iteration; ``method`` picks the weights (see
     :mod:`megatron_pma.schedules`). ``optimizer``: ``drop`` writes model state only (resume with
@@ -630,19 +53,21 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
     resume, so keeping another checkpoint's copy would silently undo the merge.
 
     ``output`` is published atomically; if its name is ``iter_XXXXXXX`` its parent is treated
-    as a save dir whose tracker is written last (``update_tracker=None``: only when that does
+    as a save dir whose trackers are written last (``update_tracker=None``: only when that does
     not move the tracker backwards). Raises :class:`PMAError` on bad input, before any output
-    exists where the problem is detectable up front. ``verify_integrity`` checks inputs against
-    their ``integrity.json``; the output gets one whenever that is asked or the newest input
-    has one (so Megatron's ``--verify-integrity`` loads it). Under ``torchrun``/``srun`` (or an
-    initialised process group) the work is split over ranks; every rank gets the result.
-    ``threads``: torch intra-op threads per process for legacy merges (default 1: more cores pay
-    off as more processes); the torch_dist path computes with numpy, one thread per process.
+    exists where the problem is detectable up front. ``verify_integrity`` checks torch_dist inputs
+    against their ``integrity.json``; the output gets one whenever that is asked or the newest
+    input has one (so Megatron's ``--verify-integrity`` loads it). Under ``torchrun``/``srun`` (or
+    an initialised process group) the work is split over ranks; every rank gets the result.
+    ``threads``: torch intra-op threads per process for legacy merges (default: the node's cores
+    over its processes); the torch_dist path computes with numpy, one thread per process.
     ``workers``: fork this many processes (socketpairs, no launcher, no torch) and split the work
     over them, like torchrun would.
     """
     t0 = time.perf_counter()
     output = Path(output)
+    if optimizer not in OPTIMIZER_MODES:
+        raise PMAError(f"--optimizer must be one of {', '.join(OPTIMIZER_MODES)}, got {optimizer!r}")
     if workers < 1:
         raise PMAError(f"--workers must be >= 1, got {workers}")
     try:
@@ -650,105 +75,51 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
     except RuntimeError as e:
         raise PMAError(str(e)) from None
     try:  # every rank runs the merge; a forked worker process ends in group.close()
-        return _merge(inputs, output, group, t0, method=method, alpha=alpha, weights=weights,
-                      normalize=normalize, optimizer=optimizer, force=force,
-                      allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,
+        return _merge(inputs, output, group, t0, dict(method=method, alpha=alpha, weights=weights,
+                                                      normalize=normalize, optimizer=optimizer),
+                      force=force, allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,
                       progress=progress and group.rank == 0, fsync=fsync, num_files=num_files,
                       verify_integrity=verify_integrity, threads=threads)
     finally:
         group.close()
 
 
-def _check_output(output: Path, plan: MergePlan, force: bool) -> None:
-    real = output.resolve()
-    for c in plan.inputs:
-        src = c.outer.resolve()
-        if real == src or src in real.parents:
-            raise PMAError(f"{output}: output would overwrite or nest inside input {c.label}")
-        if real in src.parents:
-            raise PMAError(f"{output}: output would replace a folder holding input {c.label}")
-    if output.exists() and not force:
-        raise PMAError(f"{output}: already exists (use --force to replace it)")
-    if not output.parent.exists():
-        raise PMAError(f"{output.parent}: output's parent directory does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise PMAError(f"{output.parent}: permission denied (cannot write the output)")
-
-
-def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, optimizer, force,
-           allow_nonfinite, update_tracker, progress, fsync, num_files, verify_integrity,
-           threads) -> MergeResult:
-    if legacy.any_legacy(inputs):  # --ckpt-format torch: merged file by file (imports torch)
-        from megatron_pma import legacy_merge
-
-        return legacy_merge.merge(inputs, output, group, t0, method=method, alpha=alpha, weights=weights,
-                                  normalize=normalize, optimizer=optimizer, force=force,
-                                  allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,
-                                  progress=progress, fsync=fsync, threads=threads)
-    plan = plan_merge(inputs, method=method, alpha=alpha, weights=weights, normalize=normalize,
-                      optimizer=optimizer, num_files=num_files, verify_integrity=verify_integrity)
-    manifest = verify_integrity or (plan.newest.path / integrity.INTEGRITY_FILE).exists()
+def _merge(inputs, output: Path, group: Group, t0: float, schedule: dict, *, force, allow_nonfinite,
+           update_tracker, progress, fsync, num_files, verify_integrity, threads) -> MergeResult:
+    fmt = formats.of_inputs(inputs).load()
+    plan = fmt.plan(inputs, group, num_files=num_files, verify_integrity=verify_integrity, **schedule)
+    layout = plan.newest.layout
     if group.rank == 0 and output.parent.is_dir():
         publish.remove_stale(output)  # debris of killed merges (their owners' locks are free)
-    _check_output(output, plan, force)
-    staging = publish.Staging(output, group.broadcast(f"{os.getpid()}-{uuid.uuid4().hex[:8]}"))
-    stage = staging.path
-    data = stage / nemo.WEIGHTS if plan.nemo else stage  # where the torch_dist files go
-    error = None
-    if group.rank == 0:
-        try:
-            staging.create()
-            if plan.nemo:
-                data.mkdir()
-        except OSError as e:
-            error = f"{output.parent}: cannot create the staging folder ({e.strerror})"
-    error = group.first_error(error)
-    if error:
-        if group.rank == 0:
-            staging.release()
-        raise PMAError(error)
-
-    files = plan.files()
-    mine = _my_files(files, group.rank, group.world)
-    my_bytes = sum(j.nbytes for b in mine for j in files[b])
-    update, close_bar = _make_progress(progress, my_bytes)
-    reader = _Reader()
-    scratch = slab_math.Scratch()  # one per rank: the output buffer is reused across files
-    storage: dict = {}
-    digests: dict = {}
-    error = None
+    out.check_output(output, plan, force, update_tracker)
+    sub = Path(layout.data_subdir)  # where the format's files go inside the output (NeMo 2: weights/)
+    staging = out.open_staging(output, group, ([sub] if sub.parts else []) + [sub / d for d in fmt.staging_dirs(plan)])
+    data = staging.path / sub
+    error, mine = None, ()
     try:
-        for b in mine:
-            name = f"__{b}_0.distcp"
-            storage.update(_write_file(plan, files[b], data / name, reader, scratch, allow_nonfinite, update,
-                                       fsync))
-            if manifest:  # hash while the file is hot in the page cache, on the rank that wrote it
-                digests[name] = integrity.file_sha256(data / name)
+        mine = fmt.write(plan, data, group, allow_nonfinite=allow_nonfinite, fsync=fsync,
+                         progress=lambda total: out.make_progress(progress, total),
+                         threads=threads or max(1, (os.cpu_count() or 1) // max(1, _local_world(group))))
     except PMAError as e:
         error = str(e)
     except Exception as e:  # keep ranks in step: report, then fail everywhere
         error = f"rank {group.rank}: {type(e).__name__}: {e}"
-    finally:
-        reader.close()
-        close_bar()
     error = group.first_error(error)
-    all_storage = group.gather_dicts(storage) if not error else None
-    all_digests = group.gather_dicts(digests) if not error else None
+    gathered = [group.gather_dicts(d) for d in mine] if not error else []
     if group.rank == 0:
         try:
             if error is None:
-                _write_metadata(plan, data, all_storage)
-                _copy_common_files(plan.newest.path, data)
-                if plan.nemo:  # context/ (and anything else beside weights/) of the newest input
-                    nemo.copy_extras(plan.newest.root, stage)
-                seconds = time.perf_counter() - t0
-                publish.write_json(stage / PROVENANCE_FILE,
-                                   provenance(plan, alpha, output, group.world, seconds,
-                                              keys=len(plan.kept_keys), chunks=len(plan.jobs)))
-                if manifest:
-                    integrity.write(data, all_digests)
+                left_out = layout.left_out(plan.newest.outer)
+                layout.copy_beside(plan.newest.outer, staging.path)
+                extra = fmt.fields(plan, *gathered)
+                if left_out:  # recorded: nobody should wonder where the newest input's hf/ went
+                    extra["left_out"] = left_out
+                publish.write_json(staging.path / PROVENANCE_FILE,
+                                   out.provenance(plan, schedule["alpha"], output, group.world,
+                                                  time.perf_counter() - t0, **extra))
+                fmt.finish(plan, data, *gathered, left_out=left_out)
                 publish.publish(staging, output, replace=force, fsync=fsync)
-                _maybe_update_tracker(output, plan.newest.iteration, update_tracker, fsync)
+                out.update_trackers(layout, output, plan.newest.iteration, update_tracker, fsync)
         except PMAError as e:
             error = str(e)
         except OSError as e:
@@ -758,33 +129,11 @@ def _merge(inputs, output, group, t0, *, method, alpha, weights, normalize, opti
     error = group.first_error(error)
     if error:
         raise PMAError(error)
-    return MergeResult(output, [c.iteration for c in plan.inputs], plan.weights,
-                       time.perf_counter() - t0, sum(j.nbytes for j in plan.jobs),
-                       len(plan.kept_keys), [c.outer for c in plan.inputs])
-
-
-def _my_files(files: list[list[Job]], rank: int, world: int) -> list[int]:
-    """This rank's output files: largest first to the least loaded rank (same on every rank).
-    Which rank writes a file does not change its bytes."""
-    size = [sum(j.nbytes for j in f) for f in files]
-    load = [0] * world
-    mine = []
-    for b in sorted(range(len(files)), key=lambda b: (-size[b], b)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        load[r] += max(size[b], 1)
-        if r == rank:
-            mine.append(b)
-    return sorted(mine)
+    nbytes, keys = fmt.summary(plan, output, *gathered)
+    return MergeResult(output, [c.iteration for c in plan.inputs], plan.weights, time.perf_counter() - t0,
+                       nbytes, keys, [c.outer for c in plan.inputs])
 
 
 def _local_world(group: Group) -> int:
+    """Processes of this merge on this node (they share its cores)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", group.world)) or 1)
-
-
-def _maybe_update_tracker(output: Path, iteration: int, update_tracker: bool | None, fsync: bool) -> None:
-    if update_tracker is False or not ITER_DIR.match(output.name):
-        return
-    current = read_tracker(output.parent)
-    if update_tracker is None and isinstance(current, int) and current > iteration:
-        return  # never move a save dir's tracker backwards unless asked
-    publish.write_tracker(output.parent, iteration_from_name(output), fsync=fsync)

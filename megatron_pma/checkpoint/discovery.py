@@ -1,5 +1,7 @@
 """Megatron-LM save directories: the tracker, ``iter_XXXXXXX`` folders, completeness.
 
+(Listing a save dir and picking a merge window, for every layout: :mod:`megatron_pma.layouts`.)
+
 A checkpoint counts only once its ``metadata.json`` exists (Megatron writes it last), so a save
 still in flight is invisible here. A legacy ``--ckpt-format torch`` one (``mp_rank_*/``) counts once
 every rank file is finished and the tracker has reached its iteration.
@@ -11,12 +13,10 @@ import os
 import re
 from pathlib import Path
 
-from megatron_pma import schedules
-from megatron_pma.checkpoint import dcp, legacy, nemo
-from megatron_pma.checkpoint.common_state import consumed_tokens, read_common_state
+from megatron_pma.checkpoint import dcp, legacy
 from megatron_pma.errors import PMAError
+from megatron_pma.names import TRACKER
 
-TRACKER = "latest_checkpointed_iteration.txt"
 ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -75,68 +75,3 @@ def read_tracker(save_dir: Path) -> int | str | None:
         return int(text)
     except ValueError:
         raise PMAError(f"{path}: not an iteration number or 'release': {text[:40]!r}") from None
-
-
-def list_checkpoints(save_dir: Path, *, up_to_tracker: bool = True) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a save dir, oldest first.
-
-    With ``up_to_tracker`` a checkpoint newer than the tracker is skipped: its save is not final.
-    A NeMo 2 ``checkpoints/`` dir (no tracker) lists its finished checkpoints by step instead.
-    """
-    save_dir = Path(save_dir)
-    if not save_dir.is_dir():
-        raise PMAError(f"{save_dir}: no such save directory")
-    if not (save_dir / TRACKER).exists() and nemo.is_save_dir(save_dir):
-        return nemo.list_checkpoints(save_dir)
-    tracker = read_tracker(save_dir) if up_to_tracker else None
-    found = []
-    try:
-        entries = list(os.scandir(save_dir))
-    except PermissionError:
-        raise PMAError(f"{save_dir}: permission denied") from None
-    for entry in entries:
-        it = iteration_from_name(Path(entry.name))
-        if it is None or not entry.is_dir():
-            continue
-        try:
-            complete = is_complete(nemo.dcp_dir(Path(entry.path)))
-        except PermissionError:
-            raise PMAError(f"{entry.path}: permission denied") from None
-        if not complete:
-            continue
-        if isinstance(tracker, int) and it > tracker:
-            continue
-        found.append((it, Path(entry.path)))
-    return sorted(found)
-
-
-def select_window(save_dir: Path, num_models: int, *, interval_iters: int | None = None,
-                  interval_tokens: int | None = None, tokens_per_iter: int | None = None,
-                  every: int = 1, up_to_iteration: int | None = None) -> list[Path]:
-    """The last ``num_models`` complete checkpoints of a save dir, spaced by the interval."""
-    tracker = read_tracker(save_dir)
-    if tracker == "release":
-        raise PMAError(f"{Path(save_dir) / TRACKER}: says 'release' (a released model, not a training "
-                       "run's checkpoints); give checkpoint dirs explicitly")
-    ckpts = list_checkpoints(save_dir)
-    if isinstance(tracker, int) and tracker not in {it for it, _ in ckpts}:
-        raise PMAError(f"{Path(save_dir) / TRACKER}: names iteration {tracker}, but "
-                       f"{iter_dir_name(tracker)} is missing or incomplete")
-    if not ckpts:
-        raise PMAError(f"{save_dir}: no complete checkpoint (iter_XXXXXXX with metadata.json, or a "
-                       "finished NeMo 2 checkpoint with weights/metadata.json)")
-    iterations = [it for it, _ in ckpts]
-    tokens = None
-    if interval_tokens is not None:
-        tokens = []
-        for it, path in ckpts:
-            state = None if tokens_per_iter else read_common_state(nemo.dcp_dir(path))
-            t = consumed_tokens(state, it, tokens_per_iter)
-            if t is None:
-                raise PMAError(f"{path}: cannot tell tokens per iteration (no args.seq_length / "
-                               "global_batch_size); pass --tokens-per-iter")
-            tokens.append(t)
-    picked = schedules.select_window(iterations, num_models, interval_iters=interval_iters,
-                                     interval_tokens=interval_tokens, tokens=tokens, every=every,
-                                     up_to_iteration=up_to_iteration)
-    return [ckpts[i][1] for i in picked]

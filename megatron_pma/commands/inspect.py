@@ -24,7 +24,7 @@ def describe_checkpoint(path: Path) -> dict:
     from megatron_pma.merge import load_input, optimizer_role
 
     if legacy.any_legacy([path]):  # --ckpt-format torch: mp_rank_*/model_optim_rng.pt
-        from megatron_pma import legacy_merge
+        from megatron_pma.formats import legacy_torch as legacy_merge
 
         return legacy_merge.describe(path)
     ckpt = load_input(path)
@@ -61,7 +61,8 @@ def describe_checkpoint(path: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_pma.checkpoint import nemo
-    from megatron_pma.checkpoint.discovery import is_complete, list_checkpoints, read_tracker
+    from megatron_pma.checkpoint.discovery import is_complete, read_tracker
+    from megatron_pma.layouts import list_checkpoints
 
     path = args.path
     if not path.exists():

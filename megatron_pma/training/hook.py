@@ -13,13 +13,15 @@ Each request merges the ``num_models`` newest complete checkpoints ``<= iteratio
 ``save_dir`` (consecutive saves, or spaced by ``interval_iters`` / ``interval_tokens``) into
 ``<output_root>/iter_<iteration>`` (default ``output_root = <save_dir>/pma``). The output is a
 normal Megatron checkpoint and ``<output_root>/latest_checkpointed_iteration.txt`` follows the
-newest merge, so ``--load <save_dir>/pma`` (or ``--finetune``) picks it up.
+newest merge, so ``--load <save_dir>/pma`` (or ``--finetune``) picks it up. Any layout
+:mod:`megatron_pma.layouts` knows works: a Megatron-Bridge save dir gets Bridge checkpoints and
+both of its trackers (``latest_train_state.pt`` too).
 
 How it stays out of the way of training:
 
 - ``on_checkpoint_saved`` only records the request and wakes a worker thread; it never waits.
-- The worker runs the merge in a **child process** (``python -m megatron_pma.training._merge_worker
-  --serve``), so the merge never holds the training process's GIL. The child is started on the
+- The worker runs the merge in a **child process** (``python -m megatron_pma.training.merge_child
+  --serve``, the protocol the watcher uses too), so the merge never holds the training process's GIL. The child is started on the
   first merge and kept for the next ones (no interpreter start / torch import per merge; restarted
   if it dies or times out); it lowers its own CPU priority (``nice``, default 10) and uses one
   intra-op thread.
@@ -55,10 +57,10 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
-logger = logging.getLogger("megatron_pma.training.hook")
+from megatron_pma.training import merge_child
+from megatron_pma.training.merge_child import DEFAULT_MERGE_FN
 
-DEFAULT_MERGE_FN = "megatron_pma.merge:merge_checkpoints"
-RESULT_PREFIX = "PMA_RESULT "
+logger = logging.getLogger("megatron_pma.training.hook")
 
 
 class MergeRecord(NamedTuple):
@@ -80,7 +82,7 @@ class PMAHook:
             passed to :func:`megatron_pma.merge_checkpoints`.
         interval_iters, interval_tokens, tokens_per_iter, every: spacing of the window (default:
             consecutive saves; ``every=s``: every s-th save, LAWA), as in
-            :func:`megatron_pma.checkpoint.discovery.select_window`.
+            :func:`megatron_pma.layouts.select_window`.
         optimizer: ``drop`` | ``average`` | ``keep-last-moments`` (``average`` makes merges that can
             be resumed with their optimizer).
         output_root: where merges go (default ``<save_dir>/pma``); outputs ``<output_root>/iter_XXXXXXX``.
@@ -218,7 +220,7 @@ class PMAHook:
             try:
                 rec = self._merge_one(iteration)
             except BaseException as e:  # never let the worker die
-                rec = MergeRecord(iteration, None, _one_line(e), 0.0, "failed")
+                rec = MergeRecord(iteration, None, merge_child.one_line(e), 0.0, "failed")
             with self._cond:
                 self.results.append(rec)
                 self._busy = False
@@ -248,35 +250,26 @@ class PMAHook:
         }
 
     def _merge_one(self, iteration: int) -> MergeRecord:
-        from megatron_pma.training import _merge_worker
-
         req = self._request(iteration)
         t0 = time.monotonic()
         try:
-            if _merge_worker.too_few(req):  # cheap: no child process for a window that cannot exist yet
-                out = _merge_worker.skipped(req)
+            if merge_child.too_few(req):  # cheap: no child process for a window that cannot exist yet
+                out = merge_child.skipped(req)
                 return MergeRecord(iteration, None, out["error"], time.monotonic() - t0, "skipped")
         except Exception as e:
-            return MergeRecord(iteration, None, _one_line(e), time.monotonic() - t0, "failed")
+            return MergeRecord(iteration, None, merge_child.one_line(e), time.monotonic() - t0, "failed")
         if callable(self.merge_fn):
-            out = _merge_worker.run_request(req, merge_fn=self.merge_fn)
+            out = merge_child.run_request(req, merge_fn=self.merge_fn)
         else:
             out = self._run_child(req)
         return MergeRecord(iteration, out.get("output"), out.get("error"), time.monotonic() - t0,
                            out.get("status", "failed"), tuple(out.get("inputs", ())))
 
     def _start_child(self) -> subprocess.Popen:
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env.setdefault("PYTHONWARNINGS", "ignore")
-        # torchrun's variables would make the engine think it is one rank of the training job.
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS"):
-            env.pop(k, None)
         self._stderr = tempfile.TemporaryFile(mode="w+b")
-        cmd = [self.python, "-m", "megatron_pma.training._merge_worker", "--serve", "--nice", str(self.nice)]
+        cmd = merge_child.command(self.python, "--serve", "--nice", str(self.nice))
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                env=env, bufsize=0)
+                                env=merge_child.child_env(), bufsize=0)
         lines: "queue.Queue[Optional[bytes]]" = queue.Queue()
 
         def pump():
@@ -350,9 +343,9 @@ class PMAHook:
                 with self._cond:
                     self._stop_child(kill=True)
                 return {"status": "failed", "error": f"merge process exited with {rc}: {err}"}
-            text = line.decode(errors="replace").strip()
-            if text.startswith(RESULT_PREFIX):
-                return json.loads(text[len(RESULT_PREFIX):])
+            result = merge_child.parse_result(line.decode(errors="replace"))
+            if result is not None:
+                return result
 
     def _prune(self) -> None:
         if not self.keep_last:
@@ -364,7 +357,3 @@ class PMAHook:
         except OSError as e:
             logger.warning("PMA: pruning old merges failed: %s", e)
 
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[-1] if msg else ''}"

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-TRACKER_NAME = "latest_checkpointed_iteration.txt"
+from megatron_pma.names import OPTIMIZER_MODES, TRACKER as TRACKER_NAME
+
 _FINALIZE_FN_NAME = "iter_finalize_fn"
 _MARK = "__megatron_pma_wrapped__"
 
@@ -77,7 +78,7 @@ def _pma_parser() -> argparse.ArgumentParser:
                    help="spacing of the window's checkpoints in iterations (default: consecutive saves)")
     p.add_argument("--pma-interval-tokens", type=int, default=None,
                    help="spacing of the window's checkpoints in tokens")
-    p.add_argument("--pma-optimizer", default="drop", choices=["drop", "average", "keep-last-moments"])
+    p.add_argument("--pma-optimizer", default="drop", choices=OPTIMIZER_MODES)
     p.add_argument("--pma-output-root", default=None,
                    help="where merged checkpoints go (default <save>/pma); one iter_XXXXXXX per merge")
     p.add_argument("--pma-help", action="help", help="show this help and exit")

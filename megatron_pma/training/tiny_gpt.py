@@ -37,7 +37,8 @@ from typing import Callable, Optional
 
 import torch
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from megatron_pma.names import OPTIMIZER_MODES, TRACKER
+
 CHECKPOINT_VERSION = 3.0
 VAL_TEXTS = (
     "winters_tale_gut.txt",
@@ -154,7 +155,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--pma-interval-iters", type=int, default=None, help="spacing of the window in iterations")
     g.add_argument("--pma-interval-tokens", type=int, default=None, help="spacing of the window in tokens")
     g.add_argument("--pma-keep-last", type=int, default=None, help="keep only the newest K merges")
-    g.add_argument("--pma-optimizer", default="drop", choices=["drop", "average", "keep-last-moments"])
+    g.add_argument("--pma-optimizer", default="drop", choices=OPTIMIZER_MODES)
     g.add_argument("--pma-output-root", default=None, help="default <save>/pma")
     return parser
 

@@ -23,6 +23,13 @@ needs nothing from it but the save dir. Every ``--poll-interval`` seconds it loo
   retried by this process.
 - One line per merge on stderr.
 
+Megatron-Bridge: SAVE may be Bridge's ``checkpoint.save`` dir; its tracker is
+``latest_train_state.pt`` and/or ``latest_checkpointed_iteration.txt`` (when both exist they
+must agree); outputs get both, and never the newest input's ``hf/`` export.
+
+A tracker that names an iteration without an ``iter_*`` folder (a save without weights, e.g.
+Megatron-LM's ``--freeze-all-layers``) is skipped with one line: nothing is merged for it.
+
 NeMo 2: SAVE may be NeMo's ``<log_dir>/checkpoints`` dir (no tracker there). A checkpoint is
 final once its ``weights/metadata.json`` exists and NeMo's ``<ckpt>-unfinished`` marker is gone;
 its iteration is the ``step=N`` of its name; a ``-last`` copy of a step already present is
@@ -33,7 +40,8 @@ invisible to NeMo's resume logic: ``AutoResume`` only considers ``checkpoints/*l
 metric, and its startup cleanup only dirs with an ``-unfinished`` marker. Keep NeMo's
 ``save_top_k=-1`` (or large): top-k rotation by val_loss deletes checkpoints the window needs.
 
-Each merge runs in a child process (its own session, niced). On SIGTERM or SIGINT the watcher
+Each merge runs in a child process (its own session, niced; :mod:`megatron_pma.training.merge_child`,
+the protocol PMAHook uses too). On SIGTERM or SIGINT the watcher
 stops polling; a merge in flight is terminated, its staging folder removed (the engine
 publishes by rename, so a killed merge never leaves a visible output), and the watcher exits
 with status 0.
@@ -51,11 +59,9 @@ import threading
 import time
 from pathlib import Path
 
+from megatron_pma.training import merge_child
+
 PREFIX = "megatron-pma watch"
-_RESULT = "PMA_WATCH_RESULT "
-# Environment of a distributed launcher: the merge child must not think it is one rank of many.
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS")
 
 
 def log(msg: str) -> None:
@@ -96,76 +102,47 @@ def output_for(output_root: Path, iteration: int) -> Path:
 
 def merged(output_root: Path, iteration: int) -> bool:
     """The output of the window ending at ``iteration`` exists (published => complete)."""
-    from megatron_pma.checkpoint import discovery, nemo
+    from megatron_pma import layouts
+    from megatron_pma.checkpoint import discovery
 
     out = output_for(output_root, iteration)
-    return out.is_dir() and discovery.is_complete(nemo.dcp_dir(out))  # legacy outputs too
+    # legacy outputs too; a NeMo 2 output holds its tensors in weights/
+    return out.is_dir() and discovery.is_complete(out / layouts.of_checkpoint(out).data_subdir)
 
 
 def final_checkpoints(save_dir: Path, ignore_tracker: bool) -> list[tuple[int, Path]]:
     """Final checkpoints of the save dir, oldest first (see the module docstring)."""
-    from megatron_pma.checkpoint import discovery
+    from megatron_pma import layouts
 
     if not save_dir.is_dir():
         return []
-    if ignore_tracker or _is_nemo(save_dir):  # NeMo: no tracker; -unfinished markers say it
-        return discovery.list_checkpoints(save_dir, up_to_tracker=False)
-    tracker = discovery.read_tracker(save_dir)
+    layout = layouts.of_save_dir(save_dir)
+    if ignore_tracker or not layout.keeps_tracker:  # NeMo: no tracker; -unfinished markers say it
+        return layouts.list_checkpoints(save_dir, up_to_tracker=False)
+    tracker = layout.read_tracker(save_dir)
     if tracker is None:
         return []
     # list_checkpoints drops those newer than an integer tracker; "release" is not an iteration.
-    return discovery.list_checkpoints(save_dir, up_to_tracker=True)
+    return layouts.list_checkpoints(save_dir, up_to_tracker=True)
 
 
 def plan_window(save_dir: Path, end: int, wkw: dict, ignore_tracker: bool) -> list[Path]:
     """The window ending at checkpoint ``end`` (raises PMAError when it cannot be formed)."""
-    from megatron_pma.checkpoint import discovery
     from megatron_pma.errors import PMAError
+    from megatron_pma.layouts import select_window
 
-    window = discovery.select_window(save_dir, up_to_iteration=end, **wkw)
+    window = select_window(save_dir, up_to_iteration=end, **wkw)
     if not window or _iteration_of(Path(window[-1])) != end:
         raise PMAError(f"no window of {wkw.get('num_models')} checkpoints ends at iteration {end}")
     return [Path(p) for p in window]
 
 
-def _is_nemo(save_dir: Path) -> bool:
-    from megatron_pma.checkpoint import discovery, nemo
-
-    return not (save_dir / discovery.TRACKER).exists() and nemo.is_save_dir(save_dir)
-
-
 def _iteration_of(ckpt: Path) -> int | None:
-    from megatron_pma.checkpoint import discovery, nemo
+    from megatron_pma import layouts
+    from megatron_pma.checkpoint.common_state import read_common_state
 
-    it = discovery.iteration_from_name(ckpt)
-    return it if it is not None else nemo.step_of(ckpt)
-
-
-# --------------------------------------------------------------------------------------------
-# The merge child
-# --------------------------------------------------------------------------------------------
-
-
-def _child_main(request_json: str) -> int:
-    """Run one merge (in the child process) and print its result as one JSON line."""
-    req = json.loads(request_json)
-    try:
-        os.nice(int(req.get("nice", 0)))
-    except (OSError, AttributeError):
-        pass
-    from megatron_pma.errors import PMAError  # the merge imports torch only for legacy inputs (threads=1)
-    from megatron_pma.merge import merge_checkpoints
-
-    try:
-        res = merge_checkpoints(req["inputs"], req["output"], progress=False, threads=1, **req["kwargs"])
-    except PMAError as e:
-        print(_RESULT + json.dumps({"error": str(e).splitlines()[0] if str(e) else "PMAError"}),
-              flush=True)
-        return 2
-    print(_RESULT + json.dumps({"output": str(res.output), "iterations": list(res.iterations),
-                                "weights": [float(w) for w in res.weights],
-                                "seconds": float(res.seconds)}), flush=True)
-    return 0
+    layout = layouts.of_checkpoint(ckpt)
+    return layout.iteration(ckpt, lambda: read_common_state(Path(ckpt) / layout.data_subdir))
 
 
 class Watcher:
@@ -243,15 +220,14 @@ class Watcher:
     def merge(self, end: int, window: list[Path]) -> bool:
         out = output_for(self.output_root, end)
         self.output_root.mkdir(parents=True, exist_ok=True)
+        # threads=1: a legacy merge must not take every core of a node that trains
         req = {"inputs": [str(p) for p in window], "output": str(out), "nice": self.nice,
-               "kwargs": self.skw}
-        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-        env.setdefault("OMP_NUM_THREADS", "1")
+               "merge_kwargs": dict(self.skw, threads=1)}
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            [self.python, "-m", "megatron_pma.training.watch", "--merge-child", json.dumps(req)],
+            merge_child.command(self.python, json.dumps(req)),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-            env=env, start_new_session=True)  # Ctrl-C reaches only us; we stop the child
+            env=merge_child.child_env(), start_new_session=True)  # Ctrl-C reaches only us; we stop the child
         # Read both pipes in threads so a chatty child never blocks on a full pipe.
         outs: dict[str, str] = {}
         readers = [threading.Thread(target=lambda n=n, f=f: outs.__setitem__(n, f.read()), daemon=True)
@@ -267,16 +243,15 @@ class Watcher:
         seconds = time.monotonic() - t0
         result = None
         for line in outs.get("out", "").splitlines():
-            if line.startswith(_RESULT):
-                result = json.loads(line[len(_RESULT):])
-        if proc.returncode == 0 and result and "output" in result:
+            result = merge_child.parse_result(line) or result
+        if proc.returncode == 0 and result and result["status"] == "ok":
             its = ",".join(str(i) for i in result["iterations"])
             ws = ",".join(f"{w:.4g}" for w in result["weights"])
             log(f"merged iteration {end}: {self.skw.get('method', 'sma')} of [{its}] "
                 f"weights [{ws}] -> {result['output']} ({seconds:.1f} s)")
             self.merges.append(dict(result, end=end))
             return True
-        if result and "error" in result:
+        if result and result.get("error"):
             err = result["error"]
         else:
             tail = [l for l in outs.get("err", "").strip().splitlines() if l.strip()]
@@ -325,14 +300,17 @@ class Watcher:
 
 
 def _advance_tracker(root: Path, iteration: int) -> None:
-    from megatron_pma.checkpoint import discovery, publish
+    """Point the outputs' save dir at a published merge (all the trackers of its layout)."""
+    from megatron_pma import layouts
 
+    out = output_for(root, iteration)
+    layout = layouts.of_checkpoint(out)
     try:
-        cur = discovery.read_tracker(root)
-    except Exception:
+        cur = layout.read_tracker(root)
+    except Exception:  # e.g. trackers left disagreeing by a merge killed between them: rewrite both
         cur = None
     if not isinstance(cur, int) or cur < iteration:
-        publish.write_tracker(root, iteration)
+        layout.write_trackers(root, iteration, out)
 
 
 def _cleanup_staging(out: Path, child_pid: int) -> None:
@@ -340,14 +318,16 @@ def _cleanup_staging(out: Path, child_pid: int) -> None:
     staging / retired folders beside ``out`` (only those whose owner is dead) and a
     half-written tracker temp file."""
     from megatron_pma.checkpoint.publish import remove_stale
+    from megatron_pma.names import TRACKER, TRAIN_STATE_TRACKER
 
     remove_stale(out)
-    tmp = out.parent / f".latest_checkpointed_iteration.txt.tmp-{child_pid}"
-    if tmp.exists():
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+    for name in (TRACKER, TRAIN_STATE_TRACKER):
+        tmp = out.parent / f".{name}.tmp-{child_pid}"
+        if tmp.exists():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def run(args: argparse.Namespace) -> int:
@@ -378,8 +358,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--merge-child":
-        sys.exit(_child_main(sys.argv[2]))
     from megatron_pma.cli import main
 
     sys.exit(main(["watch"] + sys.argv[1:]))

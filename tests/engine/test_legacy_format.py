@@ -22,7 +22,8 @@ import ckpt_factory
 import legacy_factory
 from helpers import assert_tensors_close, torchrun_cli, tree_digest
 from helpers import cli as cli_subprocess
-from megatron_pma import cli, legacy_merge, schedules
+from megatron_pma import cli, layouts, schedules
+from megatron_pma.formats import legacy_torch as legacy_merge
 from megatron_pma.checkpoint import discovery, legacy, torch_pickle
 
 RANKS = ("mp_rank_00", "mp_rank_01")
@@ -200,16 +201,16 @@ def test_two_processes_write_the_same_bytes_as_one(legacy_distopt, tmp_path, cap
 def test_save_dir_discovery_window_and_inspect(legacy_bf16, tmp_path, capsys):
     save = tmp_path / "save"
     ckpts = ckpt_factory.copy_run(legacy_bf16, save)
-    assert [it for it, _ in discovery.list_checkpoints(save)] == [10, 20, 30]
+    assert [it for it, _ in layouts.list_checkpoints(save)] == [10, 20, 30]
     # Megatron writes the tracker after every rank saved: a save beyond it is not final ...
     (save / discovery.TRACKER).write_text("20")
-    assert [it for it, _ in discovery.list_checkpoints(save)] == [10, 20]
+    assert [it for it, _ in layouts.list_checkpoints(save)] == [10, 20]
     (save / discovery.TRACKER).write_text("30")
     # ... nor one whose rank file is still being written (no zip end record yet).
     part = ckpts[1] / "mp_rank_01" / MODEL
     data = part.read_bytes()
     part.write_bytes(data[: len(data) // 2])
-    assert [it for it, _ in discovery.list_checkpoints(save)] == [10, 30]
+    assert [it for it, _ in layouts.list_checkpoints(save)] == [10, 30]
     part.write_bytes(data)
     # a token window reads seq_length / batch size from the pickled args
     out = save / "pma" / "iter_0000030"

@@ -28,7 +28,8 @@ import torch
 import ckpt_factory
 import nemo2_factory
 from helpers import assert_tensors_close, cli, reference_merge, tree_digest
-from megatron_pma.checkpoint import discovery, nemo
+from megatron_pma import layouts as discovery  # list_checkpoints / select_window moved to layouts
+from megatron_pma.checkpoint import nemo
 from megatron_pma.commands.inspect import describe_checkpoint
 from megatron_pma.merge import merge_checkpoints, optimizer_role
 from megatron_pma.schedules import weights as schedule_weights

@@ -118,13 +118,13 @@ def test_child_process_crash_is_recorded_and_restarted(tmp_path):
 
 def test_child_reports_engine_errors(tmp_path):
     """What the child does with a request whose merge function cannot be imported: a one-line error."""
-    from megatron_pma.training import _merge_worker
+    from megatron_pma.training import merge_child
 
     save = _fake_save_dir(tmp_path / "run", [10, 20])
     hook = PMAHook(save, 2, merge_fn="no_such_module_xyz:merge")
     req = hook._request(20)
     hook.close()
-    res = _merge_worker.run_request(req)
+    res = merge_child.run_request(req)
     assert res["status"] == "failed" and "no_such_module_xyz" in res["error"] and "\n" not in res["error"]
 
 

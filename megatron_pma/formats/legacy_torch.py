@@ -24,8 +24,6 @@ import math
 import os
 import re
 import shutil
-import time
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +31,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from megatron_pma import schedules
+from megatron_pma import layouts, schedules
 from megatron_pma.checkpoint import legacy, publish, torch_pickle
-from megatron_pma.checkpoint.discovery import check_checkpoint_dir, iteration_from_name
+from megatron_pma.checkpoint.discovery import check_checkpoint_dir
 from megatron_pma.errors import PMAError
+from megatron_pma.names import PROVENANCE_FILE
 
+NAME = "torch"
 MODEL_KEY = re.compile(r"^model\d*$")  # model, or model0, model1, ... (virtual pipeline chunks)
 FORMAT = "torch (legacy --ckpt-format torch)"
 _MAIN_PARAMS = {"fp32_from_fp16_params", "fp32_from_fp16"}  # Float16 optimizer (newer, older name)
@@ -49,6 +49,7 @@ _COUNTERS = {"step", "scale", "growth_tracker", "hysteresis_tracker"}  # never a
 class LegacyInput:
     path: Path
     iteration: int
+    layout: layouts.Layout = layouts.LAYOUTS[-1]
 
     @property
     def outer(self) -> Path:
@@ -188,13 +189,8 @@ def load_input(path: Path, a_legacy_input: Path | None = None) -> LegacyInput:
     if not legacy.is_legacy_checkpoint(path):
         raise PMAError(f"{path}: mixed checkpoint formats: not a legacy --ckpt-format torch checkpoint, "
                        f"but {a_legacy_input} is; merge checkpoints of one format")
-    iteration = iteration_from_name(path)
-    if iteration is None:
-        state = _read_state(path)
-        iteration = state.get("iteration") if state else None
-        if not isinstance(iteration, int):
-            raise PMAError(f"{path}: cannot tell its iteration (name it iter_XXXXXXX)")
-    return LegacyInput(path, iteration)
+    layout = layouts.of_checkpoint(path)
+    return LegacyInput(path, layout.iteration(path, lambda: _read_state(path)), layout)
 
 
 def _read_state(path: Path) -> dict | None:
@@ -287,10 +283,6 @@ def _load(file: Path):
 def plan_legacy(inputs: Sequence[str | Path], group, *, method: str = "sma", alpha: float = 0.2,
                 weights: Sequence[float] | None = None, normalize: bool = False,
                 optimizer: str = "drop") -> LegacyPlan:
-    from megatron_pma.merge import OPTIMIZER_MODES
-
-    if optimizer not in OPTIMIZER_MODES:
-        raise PMAError(f"--optimizer must be one of {', '.join(OPTIMIZER_MODES)}, got {optimizer!r}")
     paths = [Path(p) for p in inputs]
     seen: dict[Path, Path] = {}
     for p in paths:
@@ -302,6 +294,7 @@ def plan_legacy(inputs: Sequence[str | Path], group, *, method: str = "sma", alp
     for a, b in zip(loaded, loaded[1:]):
         if a.iteration == b.iteration:
             raise PMAError(f"{b.label}: duplicate iteration {b.iteration} (also {a.label})")
+    layouts.check_same(loaded)
     w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize)
     files, copies = _layout_files(loaded, optimizer)
     plan = LegacyPlan(loaded, w, files, copies, method, optimizer)
@@ -422,13 +415,12 @@ def _check_faithful(src: Path, out: Path) -> None:
                        "checkpoint Megatron might read differently (please report)")
 
 
-def _copy_rest(plan: LegacyPlan, stage: Path) -> None:
+def _copy_rest(plan: LegacyPlan, stage: Path, left_out: set[str]) -> None:
     """Non-merged files of the newest input: top-level ones and extras inside rank dirs."""
-    from megatron_pma.merge import PROVENANCE_FILE
-
     newest = plan.newest.path
     for entry in os.scandir(newest):
-        if legacy.RANK_DIR.match(entry.name) or entry.name == PROVENANCE_FILE or entry.name.startswith("."):
+        if (legacy.RANK_DIR.match(entry.name) or entry.name == PROVENANCE_FILE or entry.name in left_out
+                or entry.name.startswith(".")):
             continue
         if entry.is_dir(follow_symlinks=False):
             shutil.copytree(entry.path, stage / entry.name, symlinks=True)
@@ -438,90 +430,52 @@ def _copy_rest(plan: LegacyPlan, stage: Path) -> None:
         shutil.copy2(newest / rel, stage / rel, follow_symlinks=False)
 
 
-def merge(inputs, output: Path, group, t0: float, *, method, alpha, weights, normalize, optimizer,
-          force, allow_nonfinite, update_tracker, progress, fsync, threads=None):
-    """The legacy counterpart of ``merge._merge`` (same contract; ``num_files`` and
-    ``verify_integrity`` do not apply: the file layout is Megatron's, and it has no manifest)."""
-    from megatron_pma import merge as engine
-
-    plan = plan_legacy(inputs, group, method=method, alpha=alpha, weights=weights,
-                       normalize=normalize, optimizer=optimizer)
-    if group.rank == 0 and output.parent.is_dir():
-        publish.remove_stale(output)
-    engine._check_output(output, plan, force)
-    staging = _open_staging(plan, output, group)
-    counts, error = _write_my_files(plan, staging.path, group, allow_nonfinite, progress, fsync, threads)
-    error = group.first_error(error)
-    all_counts = group.gather_dicts(counts) if not error else {}
-    if group.rank == 0:
-        try:
-            if error is None:
-                _copy_rest(plan, staging.path)
-                publish.write_json(staging.path / engine.PROVENANCE_FILE,
-                                   engine.provenance(plan, alpha, output, group.world, time.perf_counter() - t0,
-                                                     format=FORMAT, files=len(plan.files),
-                                                     tensors_averaged=sum(all_counts.values())))
-                publish.publish(staging, output, replace=force, fsync=fsync)
-                engine._maybe_update_tracker(output, plan.newest.iteration, update_tracker, fsync)
-        except PMAError as e:
-            error = str(e)
-        except OSError as e:
-            error = f"{output}: cannot publish ({e.strerror or e})"
-        finally:
-            staging.release()
-    error = group.first_error(error)
-    if error:
-        raise PMAError(error)
-    written = sum((output / rel).stat().st_size for rel in plan.files)
-    return engine.MergeResult(output, [c.iteration for c in plan.inputs], plan.weights,
-                              time.perf_counter() - t0, written, sum(all_counts.values()),
-                              [c.path for c in plan.inputs])
+def plan(inputs: Sequence[str | Path], group, *, num_files: int | None = None,
+         verify_integrity: bool = False, **schedule) -> LegacyPlan:
+    """The format protocol's planner. ``num_files`` and ``verify_integrity`` do not apply: the file
+    layout is Megatron's, and it has no integrity manifest."""
+    return plan_legacy(inputs, group, **schedule)
 
 
-def _open_staging(plan: LegacyPlan, output: Path, group) -> publish.Staging:
-    """Rank 0 creates the hidden staging folder and its rank dirs before anyone writes."""
-    staging = publish.Staging(output, group.broadcast(f"{os.getpid()}-{uuid.uuid4().hex[:8]}"))
-    error = None
-    if group.rank == 0:
-        try:
-            staging.create()
-            for name in sorted({rel.split("/")[0] for rel in plan.files}):
-                (staging.path / name).mkdir()
-        except OSError as e:
-            error = f"{output.parent}: cannot create the staging folder ({e.strerror})"
-    error = group.first_error(error)  # doubles as the barrier
-    if error:
-        if group.rank == 0:
-            staging.release()
-        raise PMAError(error)
-    return staging
+def staging_dirs(plan: LegacyPlan) -> list[Path]:
+    """The ``mp_rank_*`` folders, created before ranks write into them."""
+    return [Path(name) for name in sorted({rel.split("/")[0] for rel in plan.files})]
 
 
-def _write_my_files(plan: LegacyPlan, stage: Path, group, allow_nonfinite: bool, progress: bool,
-                    fsync: bool, threads: int | None) -> tuple[dict, str | None]:
-    """This rank's share of the files (r, r+P, ...): ({file: tensors averaged}, error or None)."""
-    from megatron_pma import merge as engine
-
+def write(plan: LegacyPlan, stage: Path, group, *, allow_nonfinite: bool, progress, fsync: bool,
+          threads: int) -> tuple[dict]:
+    """This rank's share of the files (r, r+P, ...): ({file: tensors averaged},)."""
     mine = plan.files[group.rank::group.world]
     sizes = {rel: (plan.newest.path / rel).stat().st_size for rel in mine}
-    update, close_bar = engine._make_progress(progress, sum(sizes.values()))
-    counts, error = {}, None
+    update, close_bar = progress(sum(sizes.values()))
+    counts = {}
     saved = torch.get_num_threads()
     try:
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, engine._local_world(group))))
+        torch.set_num_threads(threads)
         for rel in mine:
             counts[rel] = merge_file(plan, rel, stage, allow_nonfinite)
             if fsync:  # each rank syncs its own files, in parallel
                 publish.fsync_path(stage / rel)
             update(sizes[rel])
-    except PMAError as e:
-        error = str(e)
-    except Exception as e:  # keep ranks in step: report, then fail everywhere
-        error = f"rank {group.rank}: {type(e).__name__}: {e}"
     finally:
         close_bar()
         torch.set_num_threads(saved)  # callers (a training process) keep their setting
-    return counts, error
+    return (counts,)
+
+
+def fields(plan: LegacyPlan, counts: dict) -> dict:
+    """What this format adds to pma_provenance.json."""
+    return dict(format=FORMAT, files=len(plan.files), tensors_averaged=sum(counts.values()))
+
+
+def finish(plan: LegacyPlan, stage: Path, counts: dict, left_out: dict) -> None:
+    """Rank 0, after every rank wrote: the newest input's other files."""
+    _copy_rest(plan, stage, set(left_out))
+
+
+def summary(plan: LegacyPlan, output: Path, counts: dict) -> tuple[int, int]:
+    """(bytes of the merged files, tensors averaged) for the result."""
+    return sum((output / rel).stat().st_size for rel in plan.files), sum(counts.values())
 
 
 # ---------------------------------------------------------------------------------------------
