@@ -165,3 +165,43 @@ def test_tracker_without_a_folder_is_skipped_by_watch(gpt_tp2, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no merge" in r.stderr and "names iteration 40, but iter_0000040 is missing" in r.stderr, r.stderr
     assert not (ckpts[0].parent / "pma").exists()
+
+
+def test_either_tracker_may_be_missing(save):
+    root = save[0].parent
+    (root / "latest_checkpointed_iteration.txt").write_text("20")
+    (root / "latest_train_state.pt").unlink()  # .txt only: Megatron-LM's reading
+    assert bridge_layout.LAYOUT.read_tracker(root) == 20
+    (root / "latest_checkpointed_iteration.txt").unlink()
+    shutil.copy(save[1] / "train_state.pt", root / "latest_train_state.pt")  # Bridge's only
+    assert bridge_layout.LAYOUT.read_tracker(root) == 20
+    assert [it for it, _ in layouts.list_checkpoints(root)] == [10, 20]  # 30 is newer than the tracker
+
+
+def test_optimizer_average_merges_the_optimizer_state(gpt_tp1_optim, bridge, tmp_path):
+    """--optimizer average on a Bridge save dir with Adam state: fp32 master params and moments
+    merged like the weights (what Bridge's load with load_optim=True restores)."""
+    save = bridge_factory.make_save_dir(gpt_tp1_optim, tmp_path / "save")
+    out = tmp_path / "save" / "pma" / "iter_0000030"
+    out.parent.mkdir()
+    r = cli("merge", "--save-dir", save[0].parent, "--num-models", "2", "--optimizer", "average",
+            "--output", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    got = ckpt_factory.load_full_tensors(out)
+    assert any(optimizer_role(k) == "moment" for k in got) and any(optimizer_role(k) == "param" for k in got)
+    assert_tensors_close(got, reference_merge([ckpt_factory.load_full_tensors(p) for p in save[1:]], [0.5, 0.5]))
+    assert _latest_step(bridge, out.parent) == 30
+
+
+def test_pma_hook_on_a_bridge_save_dir(save, bridge, tmp_path):
+    """PMAHook (the engine in its merge child) on a Bridge save dir: Bridge outputs, both trackers."""
+    from megatron_pma.training import PMAHook
+
+    root = save[0].parent
+    with PMAHook(root, 2, method="ema", alpha=0.5) as hook:
+        hook.on_checkpoint_saved(30)
+    assert [r.status for r in hook.results] == ["ok"], hook.results
+    out = root / "pma" / "iter_0000030"
+    assert [Path(p).name for p in hook.results[0].inputs] == ["iter_0000020", "iter_0000030"]
+    assert not (out / "hf").exists() and (out / "train_state.pt").read_bytes() == (save[-1] / "train_state.pt").read_bytes()
+    assert _latest_step(bridge, root / "pma") == 30
