@@ -1,9 +1,9 @@
 """The ``torch_dist`` format (Megatron-Core's PyTorch DCP checkpoints): plan, then a per-rank
 streaming weighted sum written as DCP files.
 
-Works directly on the checkpoint's files. No model is built and nothing is
-resharded: every stored chunk (key, offsets) of the output is the weighted sum of the same chunk
-of every input, accumulated in fp32 slab by slab and streamed to the output in the input dtype.
+No model is built and nothing is resharded: every stored chunk (key, offsets) of the output is
+the weighted sum of the same chunk of every input, accumulated in fp32 slab by slab and streamed
+to the output in the input dtype.
 Memory per process is a few 4 MiB slabs, whatever the model size or k (a chunk past 4 GiB, which
 needs ZIP64, is assembled whole for torch.save). numpy does the arithmetic: torch is never
 imported. Under ``torchrun`` / ``srun`` / ``--workers`` the output files are split over ranks;

@@ -58,6 +58,7 @@ def test_the_save_dir_is_bridges_and_ours_reads_it(save, bridge):
         [SAMPLES[it] * bridge_factory.SEQ_LENGTH for it in (10, 20, 30)]
 
 
+@pytest.mark.slow  # loads the merge into a GPTModel under torchrun (~10-30 s)
 def test_merge_save_dir_is_a_bridge_checkpoint_without_hf(save, bridge, tmp_path):
     root = save[0].parent
     before = tree_digest(root)
