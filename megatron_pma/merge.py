@@ -198,6 +198,7 @@ def load_input(path: Path) -> InputCheckpoint:
     md = dcp.read_metadata(path)
     _check_files(path, md)
     state = read_common_state(path, md)  # unreadable common state fails here, before any output exists
+    dcp.check_pickles(path, md, root)  # what the merge copies verbatim passed the allowlist too
     if root is not None:
         return InputCheckpoint(path, _nemo_step(root, state), md, root)
     iteration = iteration_from_name(path)
