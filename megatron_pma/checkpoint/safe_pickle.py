@@ -24,6 +24,7 @@ then this process never imports a global outside the allowlist: it loads as a st
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import io
 import os
@@ -107,8 +108,8 @@ class UnsafePickle(PMAError):
     """A pickle names a global outside :data:`ALLOWED` (or cannot be checked)."""
 
     def __init__(self, source, module: str, name: str):
-        super().__init__(f"{source}: {REFUSAL} {module}.{name} (not a class checkpoints hold: it could "
-                         f"run code); {TRUST_HINT}")
+        super().__init__(f"{source}: {REFUSAL} {module}.{name} (not on the allowlist of what checkpoints "
+                         f"hold: loading it could run code); {TRUST_HINT}")
         self.source, self.global_name = str(source), f"{module}.{name}"
 
 
@@ -120,6 +121,10 @@ class Restricted:
     source = "pickle"
 
     def find_class(self, module, name):
+        # Protocol 2 (torch.save's) writes Python 2 names (__builtin__.set): check what they mean.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) not in ALLOWED and not trusted():
             raise UnsafePickle(self.source, module, name)
         return self.resolve(module, name)
