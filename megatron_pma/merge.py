@@ -347,6 +347,8 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
         n_in = len({info.relative_path for info in newest.metadata.storage_data.values()})
         num_files = max(n_in, 8)
     num_files = max(1, min(num_files, len(jobs)))
+    copied = [j.index for j in jobs if not j.merge and j.offsets is not None]
+    dcp.check_tensor_blobs(newest.path, newest.metadata, copied)  # verbatim copies pass the allowlist too
     return MergePlan(loaded, w, jobs, num_files, kept, method, optimizer)
 
 

@@ -191,35 +191,42 @@ class InertUnpickler(Restricted, pickle.Unpickler):
 
 
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's pre-1.6 format opens with this pickle
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def load_inert(data: bytes | Path, source=None) -> object:
-    """The object in a pickle or a ``torch.save`` file (zip: every ``*.pkl`` member is checked,
+    """The object in a pickle or a ``torch.save`` file (zip: every ``*.pkl`` member is loaded,
     ``data.pkl`` returned; pre-1.6 format: its magic, protocol, sys info, object and storage-key
-    pickles). Raises :class:`UnsafePickle` on a global outside the allowlist, and on anything
-    that cannot be checked to the end (torch.load might read further than we could). A path is
-    read as a file: only its pickles, never its tensor bytes, are loaded."""
+    pickles). A path is read as a file: only its pickles, never its tensor bytes, are loaded.
+    Raises :class:`UnsafePickle` on a global outside the allowlist; a damaged pickle raises
+    whatever unpickling it raised."""
+    with (io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")) as buf:
+        return _load_inert(buf, source or data)
+
+
+def check(data: bytes | Path, source=None) -> None:
+    """:func:`load_inert` for a pickle we only copy: one we cannot load to the end is refused
+    too (torch.load might read further than we could)."""
     source = source or data
     try:
-        with (io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")) as buf:
-            return _load_inert(buf, source)
+        load_inert(data, source)
     except PMAError:
         raise
     except PermissionError:
         raise PMAError(f"{source}: permission denied") from None
     except Exception as e:
-        raise PMAError(f"{source}: unreadable pickle, cannot check it is safe ({type(e).__name__}: "
-                       f"{str(e)[:200]})") from None
+        raise PMAError(f"{source}: unreadable pickle, cannot check that it is safe to copy "
+                       f"({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _load_inert(buf, source):
-    if zipfile.is_zipfile(buf):
+    if buf.read(4) == _ZIP_MAGIC:  # torch.load's own test: a zip archive, else the legacy format
         with zipfile.ZipFile(buf) as zf:
             found = None
-            for member in zf.namelist():
-                if member.endswith(".pkl"):
-                    obj = _unpickle(io.BytesIO(zf.read(member)), f"{source}:{member}")
-                    if member.endswith("data.pkl") and found is None:
+            for info in zf.infolist():  # each entry, duplicated names too
+                if info.filename.endswith(".pkl"):
+                    obj = _unpickle(io.BytesIO(zf.read(info)), f"{source}:{info.filename}")
+                    if info.filename.endswith("data.pkl") and found is None:
                         found = (obj,)
             if found is None:
                 raise ValueError("no data.pkl")
@@ -256,15 +263,13 @@ def is_pickled(path: Path) -> bool:
         return True
     try:
         with open(path, "rb") as f:
-            head = f.read(2)
-            if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-                return True
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                return any(n.endswith(".pkl") for n in zf.namelist())
+            head = f.read(4)
+            if head == _ZIP_MAGIC:
+                with zipfile.ZipFile(f) as zf:
+                    return any(n.endswith(".pkl") for n in zf.namelist())
+            return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
     except (OSError, zipfile.BadZipFile):
         return False
-    return False
 
 
 def check_tree(root: Path, skip=lambda path: False) -> None:
@@ -275,4 +280,4 @@ def check_tree(root: Path, skip=lambda path: False) -> None:
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if path.is_file() and not skip(path) and is_pickled(path):
-                load_inert(path)
+                check(path)

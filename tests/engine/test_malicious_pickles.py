@@ -218,6 +218,33 @@ def test_hook_records_refusal_and_training_goes_on(gpt_tp2, tmp_path):
     assert not sentinel.exists() and not list((tmp_path / "pma").glob("*iter_*"))
 
 
+def _plant_tensor_blob(ckpt: Path, evil) -> Path:
+    """Point one tensor chunk of ``ckpt`` at a torch.save blob of ``evil``."""
+    md = dcp_types.loads((ckpt / dcp.METADATA_FILE).read_bytes())
+    idx, info = next((i, v) for i, v in md.storage_data.items() if i.fqn == "output_layer.weight")
+    blob = io.BytesIO()
+    torch.save(evil, blob)
+    f = ckpt / info.relative_path
+    info.offset, info.length = f.stat().st_size, len(blob.getvalue())
+    with open(f, "ab") as out:
+        out.write(blob.getvalue())
+    (ckpt / dcp.METADATA_FILE).write_bytes(dcp_types.dumps(md))
+    return f
+
+
+@pytest.mark.parametrize("inputs", [1, 3], ids=["copied", "merged"])
+def test_tensor_blob_refused(inputs, gpt_tp2, tmp_path, capsys):
+    """A chunk copied verbatim (one input: nothing is averaged) is checked while planning; an
+    averaged one when it is read. Either way: exit 2, the line, no output, no staging folder."""
+    ckpts = ckpt_factory.copy_run(gpt_tp2, tmp_path / "save")[-inputs:]
+    sentinel = tmp_path / "SENTINEL"
+    planted = _plant_tensor_blob(ckpts[-1], PAYLOADS["eval"][0](sentinel))
+    before = tree_digest(tmp_path)
+    rc, lines = _main(capsys, "merge", *ckpts, "-o", tmp_path / "out")
+    _assert_refused(rc, lines, planted, "builtins.eval", sentinel)
+    assert tree_digest(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["save"]
+
+
 # ----------------------------------------------------------------------------- --trust-pickles
 
 
