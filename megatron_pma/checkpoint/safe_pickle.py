@@ -73,7 +73,7 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     ("numpy", "ndarray"), ("numpy", "dtype"),
     # plain Python
     ("collections", "OrderedDict"), ("argparse", "Namespace"), ("_codecs", "encode"), ("_io", "BytesIO"),
-    *(("builtins", n) for n in ("set", "frozenset", "slice", "complex", "range")),
+    *(("builtins", n) for n in ("set", "frozenset", "slice", "complex")),
     # enums Megatron-LM keeps in args (attention_backend, exit_signal, model_type, cuda graphs, fp8)
     ("signal", "Signals"),
     *((m, n) for m, names in _MCORE_ENUMS.items() for n in names),
@@ -105,7 +105,7 @@ def trusting(enabled: bool = True):
 
 
 class UnsafePickle(PMAError):
-    """A pickle names a global outside :data:`ALLOWED` (or cannot be checked)."""
+    """A pickle names a global outside :data:`ALLOWED`."""
 
     def __init__(self, source, module: str, name: str):
         super().__init__(f"{source}: {REFUSAL} {module}.{name} (not on the allowlist of what checkpoints "
