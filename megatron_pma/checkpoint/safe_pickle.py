@@ -121,16 +121,20 @@ class Restricted:
     source = "pickle"
 
     def find_class(self, module, name):
-        # Protocol 2 (torch.save's) writes Python 2 names (__builtin__.set): check what they mean.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) not in ALLOWED and not trusted():
-            raise UnsafePickle(self.source, module, name)
-        return self.resolve(module, name)
+        real = canonical(module, name)
+        if real not in ALLOWED and not trusted():
+            raise UnsafePickle(self.source, *real)
+        return self.resolve(module, name)  # as written: a reader that pickles back keeps the spelling
 
     def resolve(self, module, name):
         return super().find_class(module, name)
+
+
+def canonical(module: str, name: str) -> tuple[str, str]:
+    """What a global means: protocol 2 (torch.save's) writes Python 2 names (``__builtin__.set``)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ class InertUnpickler(Restricted, pickle.Unpickler):
     a pickle is a straight-line program, each global it names is looked up on the way."""
 
     def resolve(self, module, name):
-        if (module, name) in _REAL:
+        if canonical(module, name) in _REAL:
             return super().resolve(module, name)
         if module.startswith("torch") and name.startswith("_rebuild"):
             return _no_tensor
