@@ -48,6 +48,8 @@ _MCORE_ENUMS = {
                                         "CudaGraphModule", "CudaGraphScope", "InferenceCudaGraphScope"),
     "megatron.model.enums": ("ModelType", "LayerType", "AttnType", "AttnMaskType"),  # Megatron-LM < core 0.5
 }
+_TE_RECIPE = ("Format", "_FormatHelper", "_OverrideLinearPrecision", "MMParams", "QParams", "DelayedScaling",
+              "Float8CurrentScaling", "MXFP8BlockScaling", "Float8BlockScaling", "NVFP4BlockScaling")
 
 ALLOWED: frozenset[tuple[str, str]] = frozenset({
     # DCP .metadata (torch >= 2.0; torch < 2.1 kept TensorProperties under _shard)
@@ -77,6 +79,11 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     # enums Megatron-LM keeps in args (attention_backend, exit_signal, model_type, cuda graphs, fp8)
     ("signal", "Signals"),
     *((m, n) for m, names in _MCORE_ENUMS.items() for n in names),
+    # Transformer Engine's fp8 _extra_state (a pickle inside a uint8 tensor): its recipe (plain
+    # dataclasses and enums, transformer_engine/common/recipe) and CPU tensors pickled without
+    # torch.save, whose storages are torch.save bytes (read here through this allowlist too)
+    *(("transformer_engine.common.recipe", n) for n in _TE_RECIPE),
+    ("torch.storage", "_load_from_bytes"),
 })
 
 
@@ -181,17 +188,51 @@ class InertUnpickler(Restricted, pickle.Unpickler):
     """Loads any well-formed pickle without torch or megatron: tensors load as None, allowed
     classes other than plain Python ones as :class:`Inert` stand-ins (reading ``args`` and
     counters works). Completing a load proves every global of the stream passed the allowlist:
-    a pickle is a straight-line program, each global it names is looked up on the way."""
+    a pickle is a straight-line program, each global it names is looked up on the way.
+
+    It also notes the bytes a reader may unpickle in turn: the keys of uint8 storages
+    (Transformer Engine's ``_extra_state`` is ``pickle.dumps(...)`` in a uint8 tensor, which its
+    ``set_extra_state`` unpickles) and the contents of ``io.BytesIO`` objects (TE's older
+    ``_extra_state``, a ``torch.save`` it ``torch.load``-s)."""
+
+    def __init__(self, file, source="pickle"):
+        super().__init__(file)
+        self.source = source
+        self.byte_storages: list[str] = []
+        self.buffers: list[bytes] = []
 
     def resolve(self, module, name):
-        if canonical(module, name) in _REAL:
+        real = canonical(module, name)
+        if real in _REAL:
             return super().resolve(module, name)
+        if real == ("_io", "BytesIO"):
+            return self._bytes_io()
+        if real == ("torch.storage", "_load_from_bytes"):  # torch.load(weights_only=False) of the bytes
+            return lambda data: load_inert(data, f"{self.source} (torch.storage._load_from_bytes)") and None
         if module.startswith("torch") and name.startswith("_rebuild"):
             return _no_tensor
         return type(name, (Inert,), {"__module__": f"pma_standin.{module}"})
 
+    def _bytes_io(self):
+        buffers = self.buffers
+
+        class BytesIO(Inert):
+            def __init__(self, initial=b"", *args, **kwargs):  # BytesIO(data)
+                if isinstance(initial, (bytes, bytearray)):
+                    buffers.append(bytes(initial))
+
+            def __setstate__(self, state):  # copyreg.__newobj__ + (value, position, dict)
+                if isinstance(state, tuple) and state and isinstance(state[0], (bytes, bytearray)):
+                    buffers.append(bytes(state[0]))
+
+        return BytesIO
+
     def persistent_load(self, pid):
-        return None  # tensor storage: never needed for the plain fields we read
+        # torch.save: ("storage", <torch.XStorage>, key, location, numel[, view]); no bytes needed
+        if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" \
+                and getattr(pid[1], "__name__", None) == "ByteStorage":
+            self.byte_storages.append(str(pid[2]))
+        return None
 
 
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's pre-1.6 format opens with this pickle
@@ -229,8 +270,11 @@ def _load_inert(buf, source):
             found = None
             for info in zf.infolist():  # each entry, duplicated names too
                 if info.filename.endswith(".pkl"):
-                    obj = _unpickle(io.BytesIO(zf.read(info)), f"{source}:{info.filename}")
-                    if info.filename.endswith("data.pkl") and found is None:
+                    data_pkl = info.filename.endswith("data.pkl")
+                    prefix = info.filename[: -len("data.pkl")]  # its storages: <prefix>data/<key>
+                    obj = _unpickle(io.BytesIO(zf.read(info)), f"{source}:{info.filename}",
+                                    lambda key, p=prefix: _pickled_member(zf, f"{p}data/{key}") if data_pkl else None)
+                    if data_pkl and found is None:
                         found = (obj,)
             if found is None:
                 raise ValueError("no data.pkl")
@@ -242,16 +286,52 @@ def _load_inert(buf, source):
     first = _unpickle(buf, source)
     if type(first) is not int or first != _TORCH_LEGACY_MAGIC:
         return first
-    for _ in range(3):  # protocol version, sys info, the object
-        obj = _unpickle(buf, source)
+    for _ in range(2):  # protocol version, sys info
+        _unpickle(buf, source)
+    obj = _unpickle(buf, source, lambda key: _legacy_format_storage(source))
     _unpickle(buf, source)  # storage keys
     return obj
 
 
-def _unpickle(f, source):
-    u = InertUnpickler(f)
-    u.source = source
-    return u.load()
+def _legacy_format_storage(source):
+    """The bytes of a uint8 storage of the pre-1.6 format (after the pickles): not read here."""
+    if trusted():
+        return None
+    raise PMAError(f"{source}: pre-1.6 torch.save format with uint8 tensors, whose bytes (where Transformer "
+                   f"Engine keeps a pickle) are not checked; re-save it with torch >= 1.6, or {TRUST_HINT}")
+
+
+def _unpickle(f, source, storage=lambda key: None):
+    """Load one pickle; then check the pickles hidden in its uint8 storages (``storage(key)``:
+    their bytes, None when they do not look like a pickle) and ``BytesIO`` objects."""
+    u = InertUnpickler(f, source)
+    obj = u.load()
+    hidden = [(f"{source} (uint8 tensor {key})", storage(key)) for key in u.byte_storages]
+    hidden += [(f"{source} (BytesIO)", b) for b in u.buffers if looks_pickled(b)]
+    for label, data in hidden:
+        if data is not None:
+            try:
+                load_inert(data, label)
+            except UnsafePickle:
+                raise
+            except Exception:  # not a pickle after all (an rng state, ...): nothing to run
+                pass
+    return obj
+
+
+def looks_pickled(head: bytes) -> bool:
+    """Starts as a protocol 2+ pickle or a ``torch.save`` zip does."""
+    return head[:4] == _ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _pickled_member(zf: zipfile.ZipFile, name: str) -> bytes | None:
+    try:
+        with zf.open(name) as f:
+            if not looks_pickled(f.read(4)):
+                return None
+        return zf.read(name)
+    except KeyError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +351,7 @@ def is_pickled(path: Path) -> bool:
             if head == _ZIP_MAGIC:
                 with zipfile.ZipFile(f) as zf:
                     return any(n.endswith(".pkl") for n in zf.namelist())
-            return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+            return looks_pickled(head)
     except (OSError, zipfile.BadZipFile):
         return False
 

@@ -24,6 +24,7 @@ from megatron_pma.checkpoint import dcp_types, safe_pickle
 
 # Allowed globals of these packages load as the real thing; others (Megatron's enums) as stand-ins.
 _IMPORTED = {"torch", "collections", "argparse", "builtins", "numpy", "_codecs", "_io", "signal"}
+_NOT_IMPORTED = {("torch.storage", "_load_from_bytes")}  # it would torch.load(weights_only=False)
 
 
 class StandIn(dcp_types.StandIn):
@@ -86,7 +87,8 @@ class Codec:
 
             def resolve(self, module, name):
                 found = None
-                if (module, name) in safe_pickle.ALLOWED and module.split(".")[0] in _IMPORTED:
+                if (module, name) in safe_pickle.ALLOWED and module.split(".")[0] in _IMPORTED \
+                        and (module, name) not in _NOT_IMPORTED:
                     try:
                         found = super().resolve(module, name)
                     except (ImportError, AttributeError):

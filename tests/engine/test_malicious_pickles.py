@@ -12,6 +12,7 @@ import datetime
 import functools
 import io
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,19 @@ def _plant_train_state(ckpts, evil):
     return f
 
 
+def _te_tensor(evil):
+    """Transformer Engine >= 2.0's _extra_state: ``pickle.dumps(state)`` in a uint8 tensor, which
+    its ``set_extra_state`` unpickles (transformer_engine/pytorch/module/base.py)."""
+    return torch.frombuffer(bytearray(pickle.dumps(evil)), dtype=torch.uint8)
+
+
+def _te_bytes_io(evil):
+    """Transformer Engine < 2.0's _extra_state: a torch.save in an io.BytesIO, torch.load-ed back."""
+    blob = io.BytesIO()
+    torch.save({"extra_fp8_variables": {}, "evil": evil}, blob)
+    return io.BytesIO(blob.getvalue())
+
+
 def _plant_byte_object(ckpts, evil):
     """Point the newest checkpoint's rng_state byte object at a malicious torch.save blob."""
     ck = ckpts[-1]
@@ -126,10 +140,10 @@ def _plant_byte_object(ckpts, evil):
     return f
 
 
-def _plant_legacy(ckpts, evil):
+def _plant_legacy(ckpts, evil, change=lambda obj, evil: obj.__setitem__("evil", evil)):
     f = ckpts[-1] / "mp_rank_00" / "model_optim_rng.pt"
     obj, codec = torch_pickle.load(f, mmap=False)
-    obj["evil"] = evil
+    change(obj, evil)
     codec.save(obj, f.with_suffix(".tmp"))
     os.replace(f.with_suffix(".tmp"), f)
     return f
@@ -142,6 +156,11 @@ PLACES = {  # name -> (fixture, plant)
     "train_state.pt": ("gpt_tp2", _plant_train_state),
     "byte object": ("gpt_tp2", _plant_byte_object),
     "model_optim_rng.pt": ("legacy_bf16", _plant_legacy),
+    # a pickle inside the bytes of a byte object / tensor that Transformer Engine unpickles
+    "TE extra state, uint8 tensor": ("gpt_tp2", lambda ckpts, evil: _plant_byte_object(ckpts, _te_tensor(evil))),
+    "TE extra state, BytesIO": ("gpt_tp2", lambda ckpts, evil: _plant_byte_object(ckpts, _te_bytes_io(evil))),
+    "legacy TE extra state": ("legacy_bf16", lambda ckpts, evil: _plant_legacy(ckpts, _te_tensor(evil), lambda obj, t: (
+        obj["model"].__setitem__("decoder.layers.0.self_attention.linear_proj._extra_state", t)))),
 }
 
 
@@ -296,6 +315,18 @@ def test_a_bridge_train_state_is_checked_and_copied(gpt_tp2, tmp_path, capsys):
     rc, lines = _main(capsys, "merge", *ckpts, "-o", tmp_path / "out")
     assert rc == 0, lines
     assert (tmp_path / "out" / "train_state.pt").read_bytes() == (ckpts[-1] / "train_state.pt").read_bytes()
+
+
+def test_a_te_style_extra_state_passes(gpt_tp2, tmp_path, capsys):
+    """What TE >= 2.0 pickles in _extra_state (CPU tensors by plain pickle: their storages are
+    ``torch.storage._load_from_bytes`` of a torch.save; TE itself needs CUDA, so its recipe
+    dataclass is left out) is read through the allowlist and merges."""
+    ckpts = ckpt_factory.copy_run(gpt_tp2, tmp_path / "save")
+    state = {"forward": {"scale_fwd": torch.ones(3), "amax_history_fwd": torch.zeros(4, 3),
+                         "extra_fp8_variables": {"num_gemms": 1}}}
+    _plant_byte_object(ckpts, _te_tensor(state))
+    rc, lines = _main(capsys, "merge", *ckpts, "-o", tmp_path / "out")
+    assert rc == 0, lines
 
 
 REAL = ["gpt_tp2", "gpt_tp2_pp2", "gpt_tp1_optim", "gpt_tp2_distopt", "gpt_bf16", "gpt_mcore014",
