@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "demo": ("megatron_pma.demo", "train a tiny GPT on CPU with PMA on and compare merged vs last vs annealed"),
 }
 
+READS_CHECKPOINTS = ("inspect", "merge", "watch")  # these take --trust-pickles
+
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-pma", description=__doc__.splitlines()[0])
@@ -27,6 +29,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name in READS_CHECKPOINTS:
+            p.add_argument("--trust-pickles", action="store_true",
+                           help="only for checkpoints you produced: accept pickled classes outside the "
+                                "allowlist of what Megatron/torch checkpoints hold (default: refuse them, "
+                                "since unpickling one could run code)")
         if only == name:
             importlib.import_module(module).add_arguments(p)
     return parser
@@ -37,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     # Import only the chosen subcommand's module: keeps `--help` and `inspect` fast.
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     args = build_parser(chosen).parse_args(argv)
+    if getattr(args, "trust_pickles", False):  # process-wide: forked workers and merge children inherit it
+        from megatron_pma.checkpoint import safe_pickle
+
+        safe_pickle.set_trusted(True)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

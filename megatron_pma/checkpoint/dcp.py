@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_pma.checkpoint import dcp_types
+from megatron_pma.checkpoint import dcp_types, safe_pickle
 from megatron_pma.checkpoint.dcp_types import STORAGE_DTYPES, BytesStorageMetadata, DType, Metadata
 from megatron_pma.errors import PMAError
 
@@ -27,10 +27,14 @@ COMMON_FILE = "common.pt"
 
 
 def read_metadata(ckpt_dir: Path) -> Metadata:
+    """The checkpoint's DCP metadata, read through the allowlist (:mod:`safe_pickle`), with every
+    storage entry inside the checkpoint folder."""
     path = Path(ckpt_dir) / METADATA_FILE
     try:
         with open(path, "rb") as f:
-            md = dcp_types.Unpickler(f).load()
+            md = dcp_types.Unpickler(f, path).load()
+    except PMAError:  # a refused global
+        raise
     except FileNotFoundError:
         raise PMAError(f"{path}: missing DCP metadata (incomplete or not a torch_dist checkpoint)") from None
     except PermissionError:
@@ -39,7 +43,62 @@ def read_metadata(ckpt_dir: Path) -> Metadata:
         raise PMAError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from None
     if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
         raise PMAError(f"{path}: not a DCP Metadata object ({type(md).__name__})")
+    check_storage_paths(Path(ckpt_dir), md)
     return md
+
+
+def check_storage_paths(ckpt_dir: Path, md: Metadata) -> None:
+    """Every storage entry names a file inside the checkpoint folder: a relative path without
+    ``..`` whose real path (symlinks followed) stays inside. Else a merge would read (and copy
+    into its output) any file the user can read."""
+    root = ckpt_dir.resolve()
+    seen = set()
+    for idx, info in md.storage_data.items():
+        rel = getattr(info, "relative_path", None)
+        if rel in seen:
+            continue
+        bad = not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts
+        if not bad:
+            real = (root / rel).resolve()
+            bad = real == root or root not in real.parents
+        if bad:
+            raise PMAError(f"{ckpt_dir / METADATA_FILE}: key {getattr(idx, 'fqn', idx)} is stored at "
+                           f"{rel!r}, outside the checkpoint folder; refusing to read it")
+        seen.add(rel)
+
+
+def check_pickles(ckpt_dir: Path, md: Metadata, root: Path | None = None) -> None:
+    """Load every pickle a merge may copy verbatim from this checkpoint through the allowlist
+    (:mod:`safe_pickle`): the byte objects (``torch.save`` blobs that Megatron's DCP load
+    unpickles with ``weights_only=False``: rng state, extra state, common state) and every
+    pickled file under ``root`` (default ``ckpt_dir``; a NeMo 2 checkpoint's outer folder):
+    ``common.pt``, Bridge's ``train_state.pt``, ... Tensor blobs are read through the same
+    allowlist when located (and Megatron loads them with ``weights_only=True``)."""
+    keys = set(bytes_entries(md))
+    for idx, info in md.storage_data.items():
+        if idx.fqn in keys:
+            path = Path(ckpt_dir) / info.relative_path
+            safe_pickle.check(read_bytes(str(path), info.offset, info.length), f"{path} (byte object {idx.fqn})")
+    ckpt_dir = Path(ckpt_dir)
+    safe_pickle.check_tree(root or ckpt_dir, skip=lambda p: p.parent == ckpt_dir and (
+        p.suffix == ".distcp" or p.name == METADATA_FILE))  # read above, through the metadata
+
+
+def check_tensor_blobs(ckpt_dir: Path, md: Metadata, indexes) -> None:
+    """Read the ``data.pkl`` of these chunks' tensor blobs through the allowlist (the merge copies
+    them verbatim: the newest input's chunks that are not averaged)."""
+    files = {}
+    try:
+        for index in indexes:
+            info = md.storage_data.get(index)
+            if info is None:  # the merge's reader reports it, with its own fallback lookup
+                continue
+            path = str(Path(ckpt_dir) / info.relative_path)
+            f = files.get(path) or files.setdefault(path, open(path, "rb", buffering=0))
+            locate_tensor(f, path, info.offset, info.length)
+    finally:
+        for f in files.values():
+            f.close()
 
 
 @dataclass(frozen=True)
@@ -100,10 +159,10 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
     return _TensorRef(storage, storage_offset, size, stride)
 
 
-class _TensorPickleReader(pickle.Unpickler):
+class _TensorPickleReader(safe_pickle.Restricted, pickle.Unpickler):
     """Reads torch.save's ``data.pkl`` for a single tensor without materialising it."""
 
-    def find_class(self, module, name):
+    def resolve(self, module, name):
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_tensor
         if module == "collections" and name == "OrderedDict":
@@ -136,7 +195,9 @@ def locate_tensor(f, path: str, start: int, length: int) -> TensorLocation:
         names = zf.namelist()
         pkl_name = next(n for n in names if n.endswith("/data.pkl") or n == "data.pkl")
         prefix = pkl_name[: -len("data.pkl")]
-        ref = _TensorPickleReader(io.BytesIO(zf.read(pkl_name))).load()
+        reader = _TensorPickleReader(io.BytesIO(zf.read(pkl_name)))
+        reader.source = f"{path} (tensor blob at byte {start})"
+        ref = reader.load()
         if not isinstance(ref, _TensorRef):
             raise pickle.UnpicklingError(f"blob holds {type(ref).__name__}, not a tensor")
         info = zf.getinfo(f"{prefix}data/{ref.storage.key}")

@@ -17,6 +17,8 @@ import pickle
 import sys
 from typing import Sequence
 
+from megatron_pma.checkpoint import safe_pickle, torch_names
+
 _MD = "torch.distributed.checkpoint.metadata"
 _FS = "torch.distributed.checkpoint.filesystem"
 _MCORE = "megatron.core.dist_checkpointing.strategies.torch"
@@ -64,24 +66,11 @@ class DType:
         return getattr(torch, self.name)
 
 
-# name, bytes, floating point, numpy dtype (None: numpy has none)
-for _args in [("float32", 4, True, "<f4"), ("float64", 8, True, "<f8"), ("float16", 2, True, "<f2"),
-              ("bfloat16", 2, True, None), ("int64", 8, False, "<i8"), ("int32", 4, False, "<i4"),
-              ("int16", 2, False, "<i2"), ("int8", 1, False, "i1"), ("uint8", 1, False, "u1"),
-              ("bool", 1, False, "?"), ("complex64", 8, False, "<c8"), ("complex128", 16, False, "<c16"),
-              ("float8_e4m3fn", 1, True, None), ("float8_e5m2", 1, True, None),
-              ("uint16", 2, False, "<u2"), ("uint32", 4, False, "<u4"), ("uint64", 8, False, "<u8")]:
+for _args in torch_names.DTYPES:
     DType(*_args)
 float32, bfloat16, float16 = DType.get("float32"), DType.get("bfloat16"), DType.get("float16")
 
-# torch.save pickles a tensor's storage by its legacy class name.
-STORAGE_DTYPES = {"FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
-                  "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-                  "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
-                  "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
-                  "ComplexDoubleStorage": "complex128", "Float8_e4m3fnStorage": "float8_e4m3fn",
-                  "Float8_e5m2Storage": "float8_e5m2", "UInt16Storage": "uint16",
-                  "UInt32Storage": "uint32", "UInt64Storage": "uint64"}
+STORAGE_DTYPES = torch_names.STORAGE_DTYPES
 STORAGE_OF = {dtype: storage for storage, dtype in STORAGE_DTYPES.items()}
 
 
@@ -260,22 +249,27 @@ _KNOWN = {c._pickle_as: c for c in (Metadata, MCoreMetadataStandIn, TensorStorag
 # Pickling
 
 
-class Unpickler(pickle.Unpickler):
-    """Loads DCP metadata into the stand-ins above; unknown globals become :class:`StandIn` classes."""
+class Unpickler(safe_pickle.Restricted, pickle.Unpickler):
+    """Loads DCP metadata into the stand-ins above (globals outside the allowlist are refused, see
+    :mod:`safe_pickle`); other allowed globals but plain Python ones become :class:`StandIn` classes."""
 
-    def find_class(self, module, name):
+    def __init__(self, file, source="pickle"):
+        super().__init__(file)
+        self.source = source
+
+    def resolve(self, module, name):
         known = _KNOWN.get((module, name))
         if known is not None:
             return known
         if module == "torch" and DType.get(name) is not None:
             return DType.get(name)
-        if module in ("builtins", "collections", "copyreg", "_codecs") or module.startswith("megatron_pma."):
-            return super().find_class(module, name)
+        if module in ("builtins", "collections", "_codecs") and (module, name) in safe_pickle.ALLOWED:
+            return super().resolve(module, name)
         return standin_class(module, name)
 
 
-def loads(data: bytes):
-    return Unpickler(io.BytesIO(data)).load()
+def loads(data: bytes, source="pickle"):
+    return Unpickler(io.BytesIO(data), source).load()
 
 
 class _Pickler(pickle._Pickler):

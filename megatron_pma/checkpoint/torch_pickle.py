@@ -2,7 +2,8 @@
 
 Legacy Megatron checkpoints pickle Megatron objects (enums inside ``args``, ...). The merge must
 rewrite such a file without importing megatron, and Megatron must load the result as if it had
-written it. So a class outside a few safe packages loads as a stand-in that remembers how it was
+written it. Every global passes :mod:`safe_pickle`'s allowlist first; an allowed class outside a
+few safe packages (Megatron's enums) then loads as a stand-in that remembers how it was
 built (called, or ``__new__`` + state) and pickles back the same way under its original name, and
 every global is written back under the name it was read with. String identity is kept too (no
 interning of attribute names), so re-saving an unmodified file reproduces it byte for byte.
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_pma.checkpoint import dcp_types
+from megatron_pma.checkpoint import dcp_types, safe_pickle
 
-_SAFE_PACKAGES = {"torch", "collections", "argparse", "builtins", "numpy", "copyreg", "_codecs",
-                  "datetime", "pathlib", "enum", "types", "functools", "signal", "math"}
+# Allowed globals of these packages load as the real thing; others (Megatron's enums) as stand-ins.
+_IMPORTED = {"torch", "collections", "argparse", "builtins", "numpy", "_codecs", "_io", "signal"}
+_NOT_IMPORTED = {("torch.storage", "_load_from_bytes")}  # it would torch.load(weights_only=False)
 
 
 class StandIn(dcp_types.StandIn):
@@ -59,6 +61,7 @@ class Codec:
     """One pickle_module for torch.load / torch.save: what was loaded through it saves back alike."""
 
     def __init__(self):
+        self.source = "pickle"  # the file being loaded, for refusals
         self._origins: dict[int, tuple[str, str]] = {}  # id(global) -> name it was read with
         self._classes: dict[tuple[str, str], type] = {}
         self._keep: list = []  # globals we hold an id of stay alive
@@ -77,15 +80,17 @@ class Codec:
     def _unpickler(self):
         codec = self
 
-        class Unpickler(pickle._Unpickler):
+        class Unpickler(safe_pickle.Restricted, pickle._Unpickler):
             dispatch = dict(pickle._Unpickler.dispatch)
             dispatch[pickle.BUILD[0]] = _load_build
+            source = property(lambda self: codec.source)
 
-            def find_class(self, module, name):
+            def resolve(self, module, name):
                 found = None
-                if module.split(".")[0] in _SAFE_PACKAGES:
+                if (module, name) in safe_pickle.ALLOWED and module.split(".")[0] in _IMPORTED \
+                        and (module, name) not in _NOT_IMPORTED:
                     try:
-                        found = super().find_class(module, name)
+                        found = super().resolve(module, name)
                     except (ImportError, AttributeError):
                         found = None
                 if found is None:
@@ -111,6 +116,7 @@ class Codec:
         return Pickler
 
     def load(self, path: Path, mmap: bool = True):
+        self.source = path
         return torch.load(os.fspath(path), map_location="cpu", mmap=mmap, weights_only=False,
                           pickle_module=self.module)
 

@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from megatron_pma import layouts, schedules
-from megatron_pma.checkpoint import legacy, publish, torch_pickle
+from megatron_pma.checkpoint import legacy, publish, safe_pickle, torch_pickle
 from megatron_pma.checkpoint.discovery import check_checkpoint_dir
 from megatron_pma.errors import PMAError
 from megatron_pma.names import PROVENANCE_FILE
@@ -189,6 +189,7 @@ def load_input(path: Path, a_legacy_input: Path | None = None) -> LegacyInput:
     if not legacy.is_legacy_checkpoint(path):
         raise PMAError(f"{path}: mixed checkpoint formats: not a legacy --ckpt-format torch checkpoint, "
                        f"but {a_legacy_input} is; merge checkpoints of one format")
+    safe_pickle.check_tree(path)  # every pickle read or copied verbatim passes the allowlist
     layout = layouts.of_checkpoint(path)
     return LegacyInput(path, layout.iteration(path, lambda: _read_state(path)), layout)
 
@@ -198,6 +199,8 @@ def _read_state(path: Path) -> dict | None:
     _check_file(file)
     try:
         return legacy.read_state(path)
+    except PMAError:
+        raise
     except Exception as e:
         raise PMAError(f"{file}: unreadable ({type(e).__name__}: {_first_line(e)})") from None
 
@@ -274,6 +277,8 @@ def check_file(plan: LegacyPlan, rel: str) -> None:
 def _load(file: Path):
     try:
         return torch_pickle.load(file)
+    except PMAError:
+        raise
     except PermissionError:
         raise PMAError(f"{file}: permission denied") from None
     except Exception as e:

@@ -177,6 +177,7 @@ def load_input(path: Path) -> InputCheckpoint:
     md = dcp.read_metadata(path)
     _check_files(path, md)
     state = read_common_state(path, md)  # unreadable common state fails here, before any output exists
+    dcp.check_pickles(path, md, root)  # what the merge copies verbatim passed the allowlist too
     iteration = layout.iteration(root, lambda: state)
     return InputCheckpoint(path, iteration, md, root if root != path else None, layout)
 
@@ -297,6 +298,8 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
         n_in = len({info.relative_path for info in newest.metadata.storage_data.values()})
         num_files = max(n_in, 8)
     num_files = max(1, min(num_files, len(jobs)))
+    copied = [j.index for j in jobs if not j.merge and j.offsets is not None]
+    dcp.check_tensor_blobs(newest.path, newest.metadata, copied)  # verbatim copies pass the allowlist too
     return MergePlan(loaded, w, jobs, num_files, kept, method, optimizer, verify_integrity)
 
 

@@ -190,11 +190,14 @@ class Watcher:
     def poll(self) -> int:
         """Merge what is pending; returns the number of failed merges."""
         from megatron_pma.checkpoint import publish
+        from megatron_pma.checkpoint.safe_pickle import UnsafePickle
         from megatron_pma.errors import PMAError
 
         failures = 0
         try:
             ends = self.pending()
+        except UnsafePickle:  # a checkpoint that could run code: stop, never wait for it
+            raise
         except (PMAError, PermissionError) as e:  # e.g. a garbled tracker: wait for the next save
             self._once(("bad", str(e)), f"cannot read {self.save_dir} yet: {e}")
             return 0
@@ -209,6 +212,8 @@ class Watcher:
                 continue
             try:
                 window = plan_window(self.save_dir, end, self.wkw, self.ignore_tracker)
+            except UnsafePickle:
+                raise
             except PMAError as e:
                 # Usually: fewer than N checkpoints so far. Say it once per end iteration.
                 self._once(("win", end), f"iteration {end}: no merge: {e}")
@@ -259,6 +264,11 @@ class Watcher:
         self.failed[end] = err
         _cleanup_staging(out, proc.pid)
         log(f"merge for iteration {end} FAILED (not retried): {err}")
+        from megatron_pma.checkpoint.safe_pickle import REFUSAL
+        from megatron_pma.errors import PMAError
+
+        if proc.returncode == 2 and REFUSAL in err:  # the child refused a pickle: stop, exit 2
+            raise PMAError(err)
         return False
 
     def _abort(self, proc: subprocess.Popen, out: Path) -> None:
