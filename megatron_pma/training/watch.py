@@ -267,7 +267,7 @@ class Watcher:
         from megatron_pma.checkpoint.safe_pickle import REFUSAL
         from megatron_pma.errors import PMAError
 
-        if proc.returncode == 2 and REFUSAL in err:  # the child refused a pickle: stop, exit 2
+        if REFUSAL in err:  # the child refused a pickle: stop, exit 2
             raise PMAError(err)
         return False
 

@@ -311,7 +311,8 @@ def test_trusting_is_the_python_api_switch(gpt_tp2, tmp_path):
 
 def test_a_bridge_train_state_is_checked_and_copied(gpt_tp2, tmp_path, capsys):
     ckpts = ckpt_factory.copy_run(gpt_tp2, tmp_path / "save")
-    torch.save(_train_state(), ckpts[-1] / "train_state.pt")
+    for c in ckpts:  # every checkpoint of a Bridge run has one (one alone would be a mixed set)
+        torch.save(_train_state(), c / "train_state.pt")
     rc, lines = _main(capsys, "merge", *ckpts, "-o", tmp_path / "out")
     assert rc == 0, lines
     assert (tmp_path / "out" / "train_state.pt").read_bytes() == (ckpts[-1] / "train_state.pt").read_bytes()
