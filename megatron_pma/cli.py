@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from megatron_pma import __version__
@@ -19,6 +20,25 @@ SUBCOMMANDS = {
     "watch": ("megatron_pma.training.watch", "sidecar: merge the latest window whenever a checkpoint lands"),
     "demo": ("megatron_pma.demo", "train a tiny GPT on CPU with PMA on and compare merged vs last vs annealed"),
 }
+
+# Optional dependencies (pyproject's extras): top-level module -> (distribution, extra).
+OPTIONAL = {
+    "torch": ("torch", "train"),
+    "megatron": ("megatron-core", "train"),
+    "matplotlib": ("matplotlib", "plot"),
+}
+# Commands that need optional dependencies whatever their input: checked before they start.
+NEEDS = {"demo": (("torch", "megatron", "matplotlib"), "demo")}
+
+
+def _missing(modules) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def _needs_line(command: str, modules: list[str], extra: str) -> str:
+    names = [OPTIONAL[m][0] for m in modules]
+    what = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"megatron-pma {command} needs {what}: pip install 'megatron-pma[{extra}]'"
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -36,10 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Import only the chosen subcommand's module: keeps `--help` and `inspect` fast.
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
+    if chosen in NEEDS:
+        missing = _missing(NEEDS[chosen][0])
+        if missing:
+            print(_needs_line(chosen, missing, NEEDS[chosen][1]), file=sys.stderr)
+            return 2
     args = build_parser(chosen).parse_args(argv)
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
+        module = importlib.import_module(SUBCOMMANDS[args.command][0])
         return int(module.run(args) or 0)
+    except ModuleNotFoundError as e:  # e.g. a legacy --ckpt-format torch merge without torch
+        top = (e.name or "").split(".")[0]
+        if top not in OPTIONAL or not _missing([top]):
+            raise
+        print(_needs_line(args.command, [top], OPTIONAL[top][1]), file=sys.stderr)
+        return 2
     except PMAError as e:
         print(f"megatron-pma {args.command}: error: {e}", file=sys.stderr)
         return 2
