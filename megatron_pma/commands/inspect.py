@@ -68,18 +68,18 @@ def run(args: argparse.Namespace) -> int:
         raise PMAError(f"{path}: no such file or directory")
     if is_complete(path) or (path / ".metadata").exists() or nemo.root_of(path) is not None:
         infos = [describe_checkpoint(path)]
-        tracker = None
+        tracker, listing = None, False
     else:
+        listing = True
         ckpts = list_checkpoints(path, up_to_tracker=False)
         if not ckpts:
             raise PMAError(f"{path}: neither a checkpoint nor a save dir with complete checkpoints")
         tracker = read_tracker(path)
         infos = [describe_checkpoint(p) for _, p in ckpts]
     if args.json:
-        print(json.dumps({"tracker": tracker, "checkpoints": infos} if tracker is not None or len(infos) > 1
-                         else infos[0], indent=2, default=str))
+        print(json.dumps({"tracker": tracker, "checkpoints": infos} if listing else infos[0], indent=2, default=str))
         return 0
-    if tracker is not None or len(infos) > 1 or nemo.is_save_dir(path):
+    if listing:
         print(_save_dir_text(path, tracker, infos, show_keys=args.keys))
     else:
         print(_checkpoint_text(infos[0], all_keys=args.keys))
@@ -154,10 +154,14 @@ def _checkpoint_text(info: dict, *, all_keys: bool) -> str:
 
 
 def _save_dir_text(path: Path, tracker, infos: list[dict], *, show_keys: bool) -> str:
+    from megatron_pma.checkpoint import nemo
+
     if tracker is not None:
         head = f"save dir {path}: tracker -> {tracker}, {len(infos)} complete checkpoints"
-    else:  # NeMo 2: -unfinished saves and -EMA copies are not listed
+    elif nemo.is_save_dir(path):  # -unfinished saves and -EMA copies are not listed
         head = f"NeMo 2 checkpoints dir {path}: {len(infos)} finished checkpoints"
+    else:
+        head = f"save dir {path}: no tracker, {len(infos)} complete checkpoints"
     rows = [[info["iteration"], _tokens(info["tokens"]), _size(info["tensor_bytes"]), info["files"],
              len(_model_keys(info)), _optimizer(info), _parallel(info), _short_format(info["format"]),
              Path(info["path"]).name] for info in infos]
