@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from megatron_pma import __version__
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Import only the chosen subcommand's module: keeps `--help` and `inspect` fast.
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
-    if chosen in NEEDS:
+    if chosen in NEEDS and not {"-h", "--help"} & set(argv):
         missing = _missing(NEEDS[chosen][0])
         if missing:
             print(_needs_line(chosen, missing, NEEDS[chosen][1]), file=sys.stderr)
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as e:  # one a check above missed: still one line, naming the path
         print(f"megatron-pma {args.command}: error: {e.filename or e}: permission denied", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `megatron-pma inspect RUN | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except KeyboardInterrupt:
         print(f"megatron-pma {args.command}: interrupted", file=sys.stderr)
         return 130
