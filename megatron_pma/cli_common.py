@@ -40,8 +40,15 @@ def schedule_kwargs(args: argparse.Namespace) -> dict:
                 normalize=args.normalize, optimizer=args.optimizer)
 
 
+def check_num_models(n: int | None) -> None:
+    """``--num-models`` given as 0 or less is refused as such (not as "missing")."""
+    if n is not None and n < 1:
+        raise PMAError(f"--num-models must be >= 1, got {n}")
+
+
 def window_kwargs(args: argparse.Namespace) -> dict:
-    if not args.num_models:
+    check_num_models(args.num_models)
+    if args.num_models is None:
         raise PMAError("--num-models is required with --save-dir")
     return dict(num_models=args.num_models, interval_iters=args.interval_iters,
                 interval_tokens=int(args.interval_tokens) if args.interval_tokens else None,

@@ -137,8 +137,16 @@ def select_window(
         spacing = (f" spaced {interval} {'tokens' if interval_tokens else 'iterations'} apart"
                    if interval is not None else (f" taking every {every}-th" if every > 1 else ""))
         raise PMAError(f"need {num_models} checkpoints{spacing}, found {len(picked)} "
-                       f"(available iterations: {[iterations[i] for i in order]})")
+                       f"(available iterations: {summarize_iterations([iterations[i] for i in order])})")
     return sorted(picked, key=lambda i: iterations[i])
+
+
+def summarize_iterations(iterations: Sequence[int], head: int = 2, tail: int = 1) -> str:
+    """``10, 20, 30`` when short; ``10, 20, ..., 990 (99 iterations)`` when a list would run long."""
+    its = list(iterations)
+    if len(its) <= head + tail + 2:
+        return ", ".join(map(str, its)) or "none"
+    return ", ".join(map(str, its[:head])) + ", ..., " + ", ".join(map(str, its[-tail:])) + f" ({len(its)} iterations)"
 
 
 def _check_n(n: int) -> None:

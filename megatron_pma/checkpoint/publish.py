@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from megatron_pma.checkpoint.discovery import TRACKER
@@ -100,6 +101,35 @@ def in_flight(output: Path) -> bool:
     if not output.parent.is_dir():
         return False
     return any(_owner_alive(lock) for lock in output.parent.glob(f".{output.name}{STAGING_SUFFIX}-*.lock"))
+
+
+@contextmanager
+def created_parents(output: Path):
+    """Create the missing folders above ``output`` for the block; if it fails, remove the ones this
+    call created (deepest first, each only if empty), so a failed merge leaves nothing behind."""
+    missing = []
+    parent = Path(output).absolute().parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    created = []
+    try:
+        for folder in reversed(missing):  # outermost first
+            try:
+                folder.mkdir()
+            except FileExistsError:  # another rank or process made it: not ours to remove
+                continue
+            except OSError as e:
+                raise PMAError(f"{folder}: cannot create the output's folder ({e.strerror})") from None
+            created.append(folder)
+        yield created
+    except BaseException:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty or already gone: someone else's files, leave them
+                pass
+        raise
 
 
 def fsync_path(path: Path) -> None:

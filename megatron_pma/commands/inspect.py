@@ -69,29 +69,107 @@ def run(args: argparse.Namespace) -> int:
         raise PMAError(f"{path}: no such file or directory")
     if is_complete(path) or (path / ".metadata").exists() or nemo.root_of(path) is not None:
         infos = [describe_checkpoint(path)]
-        tracker = None
+        tracker, listing = None, False
     else:
+        listing = True
         ckpts = list_checkpoints(path, up_to_tracker=False)
         if not ckpts:
             raise PMAError(f"{path}: neither a checkpoint nor a save dir with complete checkpoints")
         tracker = read_tracker(path)
         infos = [describe_checkpoint(p) for _, p in ckpts]
     if args.json:
-        print(json.dumps({"tracker": tracker, "checkpoints": infos} if tracker is not None or len(infos) > 1
-                         else infos[0], indent=2, default=str))
+        print(json.dumps({"tracker": tracker, "checkpoints": infos} if listing else infos[0], indent=2, default=str))
         return 0
-    if tracker is not None:
-        print(f"save dir {path}: tracker -> {tracker}, {len(infos)} complete checkpoints")
-    elif nemo.is_save_dir(path):  # -unfinished saves and -EMA copies are not listed
-        print(f"NeMo 2 checkpoints dir {path}: {len(infos)} finished checkpoints")
-    for info in infos:
-        model = [k for k in info["keys"] if k["role"] == "model"]
-        print(f"{info['path']}: {info['format']}, iteration {info['iteration']}, tokens {info['tokens']}, "
-              f"{info['tensor_bytes'] / 2**20:.1f} MiB in {info['files']} files, {len(model)} model keys, "
-              f"optimizer state: {info['optimizer_state']}, parallel: {info['parallel']}")
-        if args.keys or len(infos) == 1:
-            for k in info["keys"] if args.keys else model[:40]:
-                print(f"    {k['key']:70s} {k['dtype']:9s} {str(k['shape']):22s} chunks={k['chunks']}")
-            if not args.keys and len(model) > 40:
-                print(f"    ... {len(model) - 40} more (--keys lists all)")
+    if listing:
+        print(_save_dir_text(path, tracker, infos, show_keys=args.keys))
+    else:
+        print(_checkpoint_text(infos[0], all_keys=args.keys))
     return 0
+
+
+# -- text output -------------------------------------------------------------------------------
+
+MAX_KEYS_SHOWN = 40
+PARALLEL = (("TP", "tensor_model_parallel_size"), ("PP", "pipeline_model_parallel_size"),
+            ("EP", "expert_model_parallel_size"), ("DP", "data_parallel_size"))
+
+
+def table(headers: list[str], rows: list[list], right: set[int] = frozenset(), indent: str = "  ") -> str:
+    """Columns padded to their widest cell; ``right``: indices of right-aligned (numeric) columns."""
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        cols = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append((indent + "  ".join(cols)).rstrip())
+    return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def _tokens(t) -> str:
+    return f"{t:,}" if isinstance(t, int) else "unknown"
+
+
+def _optimizer(info: dict) -> str:
+    state = info["optimizer_state"]
+    return ", ".join(state) if isinstance(state, list) else str(state)
+
+
+def _parallel(info: dict) -> str:
+    par = info["parallel"] or {}
+    shown = [f"{short}={par[k]}" for short, k in PARALLEL if par.get(k) is not None]
+    return " ".join(shown) or "unknown"
+
+
+def _short_format(fmt: str) -> str:
+    return "NeMo 2" if fmt.startswith("NeMo 2") else "torch (legacy)" if "legacy" in fmt else fmt.split(" (")[0]
+
+
+def _model_keys(info: dict) -> list[dict]:
+    return [k for k in info["keys"] if k["role"] == "model"]
+
+
+def _checkpoint_text(info: dict, *, all_keys: bool) -> str:
+    model = _model_keys(info)
+    lines = [f"{info['path']}: iteration {info['iteration']}, {_tokens(info['tokens'])} tokens",
+             table(["format", info["format"]], [
+                 ["size", f"{_size(info['tensor_bytes'])} in {info['files']} files"],
+                 ["optimizer state", _optimizer(info)],
+                 ["parallel", _parallel(info)],
+                 ["keys", f"{len(model)} model, {len(info['keys']) - len(model)} other"],
+             ]),
+             ""]
+    shown = info["keys"] if all_keys else model[:MAX_KEYS_SHOWN]
+    lines.append(table(["key", "dtype", "shape", "chunks"],
+                       [[k["key"], k["dtype"], "x".join(map(str, k["shape"])) if k["shape"] else "-", k["chunks"]]
+                        for k in shown], right={3}))
+    if not all_keys and len(model) > MAX_KEYS_SHOWN:
+        lines.append(f"  ... {len(model) - MAX_KEYS_SHOWN} more model keys (--keys lists every key)")
+    return "\n".join(lines)
+
+
+def _save_dir_text(path: Path, tracker, infos: list[dict], *, show_keys: bool) -> str:
+    from megatron_pma.checkpoint import nemo
+
+    if tracker is not None:
+        head = f"save dir {path}: tracker -> {tracker}, {len(infos)} complete checkpoints"
+    elif nemo.is_save_dir(path):  # -unfinished saves and -EMA copies are not listed
+        head = f"NeMo 2 checkpoints dir {path}: {len(infos)} finished checkpoints"
+    else:
+        head = f"save dir {path}: no tracker, {len(infos)} complete checkpoints"
+    rows = [[info["iteration"], _tokens(info["tokens"]), _size(info["tensor_bytes"]), info["files"],
+             len(_model_keys(info)), _optimizer(info), _parallel(info), _short_format(info["format"]),
+             Path(info["path"]).name] for info in infos]
+    lines = [head, table(["iteration", "tokens", "size", "files", "model keys", "optimizer state", "parallel",
+                          "format", "checkpoint"], rows, right={0, 1, 2, 3, 4})]
+    if show_keys:
+        lines += ["", *(_checkpoint_text(info, all_keys=True) + "\n" for info in infos)]
+    else:
+        lines.append(f"(one checkpoint's keys: megatron-pma inspect {Path(infos[-1]['path'])}; --json for scripts)")
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_pma.cli_common import add_schedule_arguments, schedule_kwargs, window_kwargs
+from megatron_pma.cli_common import add_schedule_arguments, check_num_models, schedule_kwargs, window_kwargs
 from megatron_pma.errors import PMAError
 
 
@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="new checkpoint dir; named iter_XXXXXXX it also updates its parent's tracker")
     add_schedule_arguments(p)
     p.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
+    p.add_argument("--allow-single", action="store_true",
+                   help="merge a single checkpoint (the output is then a copy of it; refused by default)")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge even if an input holds NaN/Inf")
     p.add_argument("--no-tracker", action="store_true", help="never write the parent's tracker file")
     p.add_argument("--verify-integrity", action="store_true",
@@ -63,8 +65,11 @@ def auto_workers() -> int:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_pma.layouts import select_window
+    from megatron_pma.checkpoint.discovery import check_checkpoint_dir
+    from megatron_pma.checkpoint.publish import created_parents
     from megatron_pma.merge import merge_checkpoints
 
+    check_num_models(args.num_models)
     if args.save_dir and args.checkpoints:
         raise PMAError("give checkpoint dirs or --save-dir, not both")
     if args.save_dir:
@@ -73,15 +78,21 @@ def run(args: argparse.Namespace) -> int:
         if args.num_models and args.num_models != len(args.checkpoints):
             raise PMAError(f"--num-models {args.num_models} but {len(args.checkpoints)} checkpoints given")
         inputs = args.checkpoints
+        for path in inputs:  # a save dir given here is told to use --save-dir, before anything else
+            check_checkpoint_dir(path)
     else:
         raise PMAError("nothing to merge: give checkpoint dirs or --save-dir")
-    result = merge_checkpoints(inputs, args.output, force=args.force,
-                               allow_nonfinite=args.allow_nonfinite,
-                               update_tracker=False if args.no_tracker else None,
-                               progress=not args.quiet and sys.stderr.isatty(),
-                               fsync=not args.no_fsync, verify_integrity=args.verify_integrity,
-                               workers=args.workers or auto_workers(),
-                               **schedule_kwargs(args))
+    if len(inputs) == 1 and not args.allow_single:
+        raise PMAError(f"{inputs[0]}: only one checkpoint to merge (the output would be a copy of it); "
+                       "pass --allow-single to do that anyway")
+    with created_parents(args.output):
+        result = merge_checkpoints(inputs, args.output, force=args.force,
+                                   allow_nonfinite=args.allow_nonfinite,
+                                   update_tracker=False if args.no_tracker else None,
+                                   progress=not args.quiet and sys.stderr.isatty(),
+                                   fsync=not args.no_fsync, verify_integrity=args.verify_integrity,
+                                   workers=args.workers or auto_workers(),
+                                   **schedule_kwargs(args))
     if int(os.environ.get("RANK", "0")) == 0:
         pairs = ", ".join(f"{it}:{w:.4g}" for it, w in zip(result.iterations, result.weights))
         print(f"merged {len(result.iterations)} checkpoints ({args.method}; iteration:weight {pairs}) "

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 
@@ -25,10 +24,15 @@ def _fake_save_dir(root: Path, iterations) -> Path:
 
 
 class SlowMerge:
-    """Stand-in merge function: records its calls and the concurrency it saw."""
+    """Stand-in merge function: records its calls and the concurrency it saw.
 
-    def __init__(self, seconds=0.0, fail_on=()):
-        self.seconds, self.fail_on = seconds, set(fail_on)
+    With ``gate`` (a :class:`threading.Event`) each call sets ``started`` and then waits for the
+    test to open the gate: the test decides when a merge ends, no sleep has to land in time.
+    """
+
+    def __init__(self, fail_on=(), gate: threading.Event | None = None):
+        self.fail_on, self.gate = set(fail_on), gate
+        self.started = threading.Event()
         self.calls, self.active, self.max_active = [], 0, 0
         self.lock = threading.Lock()
 
@@ -37,7 +41,9 @@ class SlowMerge:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
-            time.sleep(self.seconds)
+            self.started.set()
+            if self.gate is not None and not self.gate.wait(timeout=60):
+                raise TimeoutError("the test never opened the gate")
             it = int(Path(output).name[5:])
             self.calls.append((it, [Path(p).name for p in inputs], kw))
             if it in self.fail_on:
@@ -58,15 +64,20 @@ def test_import_is_lazy():
 
 def test_never_blocks_and_coalesces(tmp_path):
     save = _fake_save_dir(tmp_path / "run", [10, 20, 30, 40, 50])
-    merge = SlowMerge(seconds=0.6)
+    gate = threading.Event()
+    merge = SlowMerge(gate=gate)
     hook = PMAHook(save, 2, method="wma", merge_fn=merge)
-    t0 = time.perf_counter()
-    hook.on_checkpoint_saved(20)
-    time.sleep(0.2)  # the merge for 20 is now running
-    for it in (30, 40, 50):
-        hook.on_checkpoint_saved(it)
-    assert time.perf_counter() - t0 < 0.3 + 0.05  # the calls themselves took (almost) no time
-    assert hook.busy
+    try:
+        hook.on_checkpoint_saved(20)
+        assert merge.started.wait(timeout=30)  # the merge for 20 is now running, held by the gate
+        # These return while that merge cannot finish: had they waited for it, the test would hang
+        # here (and the gate's timeout fail the merge) instead of reaching the asserts below.
+        for it in (30, 40, 50):
+            hook.on_checkpoint_saved(it)
+        assert hook.busy and merge.calls == []
+        assert [(r.iteration, r.status) for r in hook.results] == [(30, "skipped"), (40, "skipped")]
+    finally:
+        gate.set()
     assert hook.wait(timeout=30)
     hook.close()
     by_it = {r.iteration: r for r in hook.results}
