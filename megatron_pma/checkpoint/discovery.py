@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from megatron_pma.checkpoint import dcp, legacy
+from megatron_pma.checkpoint import dcp, legacy, nemo
 from megatron_pma.errors import PMAError
 from megatron_pma.names import TRACKER
 

@@ -55,7 +55,7 @@ def test_long_iteration_lists_are_summarised():
 
 def test_too_few_checkpoints_lists_the_available_ones_briefly(tmp_path):
     """select_window's message on a save dir with many checkpoints (their contents are never read)."""
-    from megatron_pma.checkpoint.discovery import select_window
+    from megatron_pma.layouts import select_window
     from megatron_pma.errors import PMAError
 
     run = tmp_path / "run"

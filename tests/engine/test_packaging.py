@@ -29,8 +29,12 @@ def _dependencies() -> list[str]:
     return project["dependencies"]
 
 
-def test_hard_dependencies_are_numpy_and_tqdm():
-    assert sorted(_dependencies()) == ["numpy", "tqdm"]
+# Each hard dependency and the top-level modules it installs (a Bridge run_config.yaml needs yaml).
+HARD = {"numpy": ("numpy", "numpy.libs"), "tqdm": ("tqdm",), "pyyaml": ("yaml", "_yaml")}
+
+
+def test_hard_dependencies_are_what_the_engine_imports():
+    assert sorted(_dependencies()) == sorted(HARD)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def bare_site(tmp_path_factory) -> Path:
     site = Path(sysconfig.get_paths()["purelib"])
     bare = tmp_path_factory.mktemp("bare-site")
     for dist in _dependencies():
-        for name in (dist, f"{dist}.libs"):  # numpy.libs: the wheel's bundled OpenBLAS
+        for name in HARD[dist]:  # numpy.libs: the wheel's bundled OpenBLAS
             if (site / name).exists():
                 (bare / name).symlink_to(site / name)
     return bare
