@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_pma.errors import PMAError
-from megatron_pma.names import OPTIMIZER_MODES
+from megatron_pma.names import OPTIMIZER_MODES, SAVE_DTYPES
 
 
 def _weights(text: str) -> list[float]:
@@ -23,6 +23,12 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *, window: bool = Tr
     g.add_argument("--alpha", type=float, default=0.2, help="EMA smoothing factor (default 0.2)")
     g.add_argument("--weights", type=_weights, default=None, help="custom weights w1,w2,... oldest first")
     g.add_argument("--normalize", action="store_true", help="rescale custom weights to sum to 1")
+    g.add_argument("--allow-extrapolation", action="store_true",
+                   help="accept custom weights that are negative or do not sum to 1 (model soups, task "
+                        "arithmetic); still finite, recorded in the provenance")
+    g.add_argument("--save-dtype", default="input", choices=list(SAVE_DTYPES),
+                   help="dtype of the merged model weights (default input: as stored); optimizer state "
+                        "keeps its own")
     g.add_argument("--optimizer", default="drop", choices=OPTIMIZER_MODES,
                    help="optimizer state in the output (default drop: resume with --no-load-optim/--finetune)")
     if window:
@@ -37,7 +43,8 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *, window: bool = Tr
 
 def schedule_kwargs(args: argparse.Namespace) -> dict:
     return dict(method=args.method, alpha=args.alpha, weights=args.weights,
-                normalize=args.normalize, optimizer=args.optimizer)
+                normalize=args.normalize, optimizer=args.optimizer, save_dtype=args.save_dtype,
+                allow_extrapolation=args.allow_extrapolation)
 
 
 def check_num_models(n: int | None) -> None:

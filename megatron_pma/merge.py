@@ -12,6 +12,7 @@ point at the result. This module runs the steps in order on every rank, keeps th
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,21 +20,23 @@ from typing import Sequence
 
 from megatron_pma import formats, output as out
 from megatron_pma.checkpoint import publish
+from megatron_pma.checkpoint.discovery import ITER_DIR, iteration_from_name
 from megatron_pma.errors import PMAError
 from megatron_pma.formats.torch_dist import load_input, optimizer_role  # noqa: F401 (inspect's API)
-from megatron_pma.names import OPTIMIZER_MODES, PROVENANCE_FILE
+from megatron_pma.names import OPTIMIZER_MODES, PROVENANCE_FILE, SAVE_DTYPES
 from megatron_pma.parallel import Group
 
 
 @dataclass
 class MergeResult:
     output: Path
-    iterations: list[int]
+    iterations: list[int | None]   # None: an input that does not say (order="given")
     weights: list[float]
     seconds: float
     bytes_written: int = 0
     keys: int = 0
     inputs: list[Path] = field(default_factory=list)
+    iteration: int | None = None   # the output's
 
 
 def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, method: str = "sma",
@@ -42,7 +45,9 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
                       allow_nonfinite: bool = False, update_tracker: bool | None = None,
                       progress: bool = True, fsync: bool = True,
                       num_files: int | None = None, verify_integrity: bool = False,
-                      threads: int | None = None, workers: int = 1) -> MergeResult:
+                      threads: int | None = None, workers: int = 1, order: str = "iteration",
+                      save_dtype: str = "input", output_iteration: int | None = None,
+                      allow_extrapolation: bool = False) -> MergeResult:
     """Average checkpoints of one run into a new checkpoint of the same layout and format.
 
     Inputs are sorted oldest -> newest by iteration; ``method`` picks the weights (see
@@ -63,6 +68,16 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
     over its processes); the torch_dist path computes with numpy, one thread per process.
     ``workers``: fork this many processes (socketpairs, no launcher, no torch) and split the work
     over them, like torchrun would.
+
+    ``order``: ``iteration`` (default) sorts the inputs by the iteration each was saved at;
+    ``given`` takes them as passed (oldest first; weights follow that order), for inputs that do
+    not say their iteration or say the same one. ``save_dtype``: ``input`` (default), ``fp32``,
+    ``bf16`` or ``fp16`` for the model weights (optimizer state keeps its dtype; extra state and
+    fp8 tensors too). ``output_iteration``: the iteration the output says it is (default: the
+    number in an ``iter_XXXXXXX`` output name, else the newest input's); when it differs from the
+    newest input's, the output's common state (``iteration``, ``args.iteration``; Bridge's
+    ``train_state.pt`` step) is rewritten to it. ``allow_extrapolation``: accept custom weights
+    that are negative or do not sum to 1 (still finite); recorded in the provenance.
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -70,13 +85,18 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
         raise PMAError(f"--optimizer must be one of {', '.join(OPTIMIZER_MODES)}, got {optimizer!r}")
     if workers < 1:
         raise PMAError(f"--workers must be >= 1, got {workers}")
+    if save_dtype not in SAVE_DTYPES:
+        raise PMAError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
+    output_iteration = _output_iteration(output, output_iteration)
     try:
         group = Group.forked(workers) if workers > 1 else Group.from_env()
     except RuntimeError as e:
         raise PMAError(str(e)) from None
     try:  # every rank runs the merge; a forked worker process ends in group.close()
         return _merge(inputs, output, group, t0, dict(method=method, alpha=alpha, weights=weights,
-                                                      normalize=normalize, optimizer=optimizer),
+                                                      normalize=normalize, optimizer=optimizer, order=order,
+                                                      save_dtype=save_dtype, output_iteration=output_iteration,
+                                                      allow_extrapolation=allow_extrapolation),
                       force=force, allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,
                       progress=progress and group.rank == 0, fsync=fsync, num_files=num_files,
                       verify_integrity=verify_integrity, threads=threads)
@@ -84,11 +104,27 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
         group.close()
 
 
+def _output_iteration(output: Path, explicit: int | None) -> int | None:
+    """The output's iteration: explicit, else its ``iter_XXXXXXX`` name's (None: the newest input's).
+    An explicit one that contradicts the name is refused: the tracker would say the name's."""
+    named = iteration_from_name(output) if ITER_DIR.match(output.name) else None
+    if explicit is None:
+        return named
+    if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 0:
+        raise PMAError(f"--output-iteration must be a non-negative integer, got {explicit!r}")
+    if named is not None and named != explicit:
+        raise PMAError(f"{output}: named iteration {named} but --output-iteration {explicit}; "
+                       "name the output after the iteration it should say")
+    return explicit
+
+
 def _merge(inputs, output: Path, group: Group, t0: float, schedule: dict, *, force, allow_nonfinite,
            update_tracker, progress, fsync, num_files, verify_integrity, threads) -> MergeResult:
     fmt = formats.of_inputs(inputs).load()
     plan = fmt.plan(inputs, group, num_files=num_files, verify_integrity=verify_integrity, **schedule)
     layout = plan.newest.layout
+    if plan.warning and group.rank == 0:
+        print(plan.warning, file=sys.stderr)
     if group.rank == 0 and output.parent.is_dir():
         publish.remove_stale(output)  # debris of killed merges (their owners' locks are free)
     out.check_output(output, plan, force, update_tracker)
@@ -114,12 +150,16 @@ def _merge(inputs, output: Path, group: Group, t0: float, schedule: dict, *, for
                 extra = fmt.fields(plan, *gathered)
                 if left_out:  # recorded: nobody should wonder where the newest input's hf/ went
                     extra["left_out"] = left_out
+                extra.update(order=schedule["order"], save_dtype=schedule["save_dtype"],
+                             allow_extrapolation=schedule["allow_extrapolation"])
                 publish.write_json(staging.path / PROVENANCE_FILE,
                                    out.provenance(plan, schedule["alpha"], output, group.world,
                                                   time.perf_counter() - t0, **extra))
                 fmt.finish(plan, data, *gathered, left_out=left_out)
+                if plan.restamped:
+                    layout.stamp_iteration(staging.path, plan.iteration)
                 publish.publish(staging, output, replace=force, fsync=fsync)
-                out.update_trackers(layout, output, plan.newest.iteration, update_tracker, fsync)
+                out.update_trackers(layout, output, plan.iteration, update_tracker, fsync)
         except PMAError as e:
             error = str(e)
         except OSError as e:
@@ -131,7 +171,7 @@ def _merge(inputs, output: Path, group: Group, t0: float, schedule: dict, *, for
         raise PMAError(error)
     nbytes, keys = fmt.summary(plan, output, *gathered)
     return MergeResult(output, [c.iteration for c in plan.inputs], plan.weights, time.perf_counter() - t0,
-                       nbytes, keys, [c.outer for c in plan.inputs])
+                       nbytes, keys, [c.outer for c in plan.inputs], plan.iteration)
 
 
 def _local_world(group: Group) -> int:

@@ -40,7 +40,7 @@ def check_output(output: Path, plan, force: bool, update_tracker: bool | None) -
         raise PMAError(f"{output.parent}: output's parent directory does not exist")
     if not os.access(output.parent, os.W_OK):
         raise PMAError(f"{output.parent}: permission denied (cannot write the output)")
-    plan.newest.layout.check_output(output, plan.newest.iteration, writes_trackers(output, update_tracker))
+    plan.newest.layout.check_output(output, plan.iteration, writes_trackers(output, update_tracker))
 
 
 def open_staging(output: Path, group: Group, subdirs: list[Path]) -> publish.Staging:
@@ -73,7 +73,8 @@ def provenance(plan, alpha: float, output: Path, world: int, seconds: float, **e
         "optimizer": plan.optimizer,
         "inputs": [{"path": str(c.outer.resolve()), "iteration": c.iteration, "weight": w}
                    for c, w in zip(plan.inputs, plan.weights)],
-        "iteration": plan.newest.iteration,
+        "iteration": plan.iteration,
+        **({"newest_input_iteration": plan.newest.iteration} if plan.restamped else {}),
         "output": str(output),
         **{k: v for k, v in extra.items() if k != "format"},
         "processes": world,

@@ -43,25 +43,37 @@ def wma(n: int) -> list[float]:
     return [i / total for i in range(1, n + 1)]
 
 
-def custom(values: Sequence[float], normalize: bool = False, tol: float = 1e-6) -> list[float]:
-    """Explicit weights: finite, non-negative, summing to 1 within ``tol`` unless ``normalize``."""
+def custom(values: Sequence[float], normalize: bool = False, tol: float = 1e-6,
+           allow_extrapolation: bool = False) -> list[float]:
+    """Explicit weights: finite, non-negative, summing to 1 within ``tol`` unless ``normalize``.
+
+    ``allow_extrapolation`` (model soups, task arithmetic) accepts negative weights and any sum;
+    they must still be finite (and sum to non-zero if ``normalize``).
+    """
     w = [float(v) for v in values]
     _check_n(len(w))
-    bad = [v for v in w if not math.isfinite(v) or v < 0]
-    if bad:
-        raise PMAError(f"custom weights must be finite and non-negative, got {bad[0]}")
+    nonfinite = [v for v in w if not math.isfinite(v)]
+    if nonfinite:
+        raise PMAError(f"custom weights must be finite, got {nonfinite[0]}")
+    negative = [v for v in w if v < 0]
+    if negative and not allow_extrapolation:
+        raise PMAError(f"custom weights must be non-negative, got {negative[0]} "
+                       "(pass --allow-extrapolation to extrapolate)")
     total = sum(w)
-    if total <= 0:
-        raise PMAError("custom weights sum to 0")
     if normalize:
+        if total == 0 or (total < 0 and not allow_extrapolation):
+            raise PMAError(f"custom weights sum to {total:.8g}: cannot --normalize them")
         return [v / total for v in w]
-    if abs(total - 1.0) > tol:
-        raise PMAError(f"custom weights sum to {total:.8g}, not 1 (pass --normalize to rescale)")
+    if total <= 0 and not allow_extrapolation:
+        raise PMAError("custom weights sum to 0")
+    if abs(total - 1.0) > tol and not allow_extrapolation:
+        raise PMAError(f"custom weights sum to {total:.8g}, not 1 (pass --normalize to rescale, or "
+                       "--allow-extrapolation to keep them)")
     return w
 
 
 def weights(method: str, n: int, *, alpha: float = 0.2, values: Sequence[float] | None = None,
-            normalize: bool = False) -> list[float]:
+            normalize: bool = False, allow_extrapolation: bool = False) -> list[float]:
     """Weights for ``n`` checkpoints ordered oldest -> newest.
 
     ``lawa`` is a uniform average: its window/stride live in the selection, not the weights.
@@ -72,7 +84,7 @@ def weights(method: str, n: int, *, alpha: float = 0.2, values: Sequence[float] 
             raise PMAError("method 'custom' needs --weights w1,w2,...")
         if len(values) != n:
             raise PMAError(f"got {len(values)} weights for {n} checkpoints")
-        return custom(values, normalize=normalize)
+        return custom(values, normalize=normalize, allow_extrapolation=allow_extrapolation)
     if values is not None:
         raise PMAError(f"--weights only applies to --method custom, not {method!r}")
     if method in ("sma", "lawa"):

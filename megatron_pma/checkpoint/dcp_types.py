@@ -203,6 +203,12 @@ class TensorProperties(_Record):
     def dtype(self) -> DType:
         return self._state["dtype"] if isinstance(self._state, dict) else self._state[0]
 
+    def with_dtype(self, dtype: DType) -> "TensorProperties":
+        """The same properties for a tensor stored as ``dtype`` (``--save-dtype``)."""
+        new = object.__new__(type(self))
+        new._state = {**self._state, "dtype": dtype} if isinstance(self._state, dict) else (dtype, *self._state[1:])
+        return new
+
 
 class MetadataIndex(_Record):
     """Hashed and compared on (fqn, offset), like torch's frozen dataclass (``index`` is a hint)."""

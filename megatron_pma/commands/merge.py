@@ -9,6 +9,7 @@ from pathlib import Path
 
 from megatron_pma.cli_common import add_schedule_arguments, check_num_models, schedule_kwargs, window_kwargs
 from megatron_pma.errors import PMAError
+from megatron_pma.names import ORDERS
 
 
 MAX_AUTO_WORKERS = 8  # the default output has 8 files or more; beyond this, the disk is the limit
@@ -22,6 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", type=Path, required=True,
                    help="new checkpoint dir; named iter_XXXXXXX it also updates its parent's tracker")
     add_schedule_arguments(p)
+    p.add_argument("--order", default="iteration", choices=ORDERS,
+                   help="oldest -> newest: by the iteration each input was saved at (default), or as "
+                        "given (for inputs that do not say their iteration; weights follow that order)")
+    p.add_argument("--output-iteration", type=int, default=None,
+                   help="the iteration the output says it is (default: its iter_XXXXXXX name's, else the "
+                        "newest input's); written into its common state")
     p.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
     p.add_argument("--allow-single", action="store_true",
                    help="merge a single checkpoint (the output is then a copy of it; refused by default)")
@@ -91,10 +98,11 @@ def run(args: argparse.Namespace) -> int:
                                    update_tracker=False if args.no_tracker else None,
                                    progress=not args.quiet and sys.stderr.isatty(),
                                    fsync=not args.no_fsync, verify_integrity=args.verify_integrity,
-                                   workers=args.workers or auto_workers(),
+                                   workers=args.workers or auto_workers(), order=args.order,
+                                   output_iteration=args.output_iteration,
                                    **schedule_kwargs(args))
     if int(os.environ.get("RANK", "0")) == 0:
-        pairs = ", ".join(f"{it}:{w:.4g}" for it, w in zip(result.iterations, result.weights))
+        pairs = ", ".join(f"{'?' if it is None else it}:{w:.4g}" for it, w in zip(result.iterations, result.weights))
         print(f"merged {len(result.iterations)} checkpoints ({args.method}; iteration:weight {pairs}) "
               f"-> {result.output} [{result.bytes_written / 2**20:.1f} MiB in {result.seconds:.2f} s]")
     return 0

@@ -31,11 +31,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from megatron_pma import layouts, schedules
-from megatron_pma.checkpoint import legacy, publish, safe_pickle, torch_pickle
+from megatron_pma import input_order, layouts, schedules
+from megatron_pma.checkpoint import iteration_stamp, legacy, publish, safe_pickle, torch_pickle
 from megatron_pma.checkpoint.discovery import check_checkpoint_dir
-from megatron_pma.errors import PMAError
-from megatron_pma.names import PROVENANCE_FILE
+from megatron_pma.errors import PMAError, UnknownIteration
+from megatron_pma.names import PROVENANCE_FILE, SAVE_DTYPES, is_extra_state
 
 NAME = "torch"
 MODEL_KEY = re.compile(r"^model\d*$")  # model, or model0, model1, ... (virtual pipeline chunks)
@@ -43,12 +43,13 @@ FORMAT = "torch (legacy --ckpt-format torch)"
 _MAIN_PARAMS = {"fp32_from_fp16_params", "fp32_from_fp16"}  # Float16 optimizer (newer, older name)
 _MOMENTS = {"exp_avg", "exp_avg_sq"}
 _COUNTERS = {"step", "scale", "growth_tracker", "hysteresis_tracker"}  # never averaged
+_CONVERTIBLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # --save-dtype converts these
 
 
 @dataclass
 class LegacyInput:
     path: Path
-    iteration: int
+    iteration: int | None  # None: unknown (only with order="given")
     layout: layouts.Layout = layouts.LAYOUTS[-1]
 
     @property
@@ -68,10 +69,18 @@ class LegacyPlan:
     copies: list[str] = field(default_factory=list)  # other files, copied from the newest input
     method: str = "sma"
     optimizer: str = "drop"
+    iteration: int | None = None          # the output's (written into every rank file when it differs)
+    save_dtype: torch.dtype | None = None  # model weights written in this dtype (None: their own)
+    warning: str | None = None            # one line for the user (weights vs. inputs typed out of order)
 
     @property
     def newest(self) -> LegacyInput:
         return self.inputs[-1]
+
+    @property
+    def restamped(self) -> bool:
+        """The output's iteration differs from the newest input's: rank files get the new one."""
+        return self.iteration is not None and self.iteration != self.newest.iteration
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +88,10 @@ class LegacyPlan:
 
 
 def tensor_role(path: tuple) -> str:
-    """"model", "param" (fp32 main params), "moment", "counter" or "other" (optimizer state)."""
+    """"model", "param" (fp32 main params), "moment", "counter", "extra" (Transformer Engine's
+    extra state, as a tensor) or "other" (optimizer state)."""
+    if any(isinstance(p, str) and is_extra_state(p) for p in path):
+        return "extra"
     if path and isinstance(path[0], str) and MODEL_KEY.match(path[0]):
         return "model"
     if _MAIN_PARAMS & {p for p in path if isinstance(p, str)} or path[-1] == "param":
@@ -90,7 +102,7 @@ def tensor_role(path: tuple) -> str:
 
 
 def _averaged(role: str, optimizer: str, dtype: torch.dtype) -> bool:
-    if not dtype.is_floating_point or role == "counter":
+    if not dtype.is_floating_point or role in ("counter", "extra"):
         return False
     return role in ("model", "param") or optimizer == "average"
 
@@ -183,7 +195,8 @@ def tensors_to_merge(objs: list, dist_file: bool, optimizer: str, files: list[st
 # Planning: every check that can fail runs here, before any output exists.
 
 
-def load_input(path: Path, a_legacy_input: Path | None = None) -> LegacyInput:
+def load_input(path: Path, a_legacy_input: Path | None = None, unknown_iteration: bool = False) -> LegacyInput:
+    """One input; ``unknown_iteration``: one that does not say its iteration loads with None."""
     path = Path(path)
     check_checkpoint_dir(path)
     if not legacy.is_legacy_checkpoint(path):
@@ -191,7 +204,13 @@ def load_input(path: Path, a_legacy_input: Path | None = None) -> LegacyInput:
                        f"but {a_legacy_input} is; merge checkpoints of one format")
     safe_pickle.check_tree(path)  # every pickle read or copied verbatim passes the allowlist
     layout = layouts.of_checkpoint(path)
-    return LegacyInput(path, layout.iteration(path, lambda: _read_state(path)), layout)
+    try:
+        iteration = layout.iteration(path, lambda: _read_state(path))
+    except UnknownIteration:
+        if not unknown_iteration:
+            raise
+        iteration = None
+    return LegacyInput(path, iteration, layout)
 
 
 def _read_state(path: Path) -> dict | None:
@@ -287,7 +306,8 @@ def _load(file: Path):
 
 def plan_legacy(inputs: Sequence[str | Path], group, *, method: str = "sma", alpha: float = 0.2,
                 weights: Sequence[float] | None = None, normalize: bool = False,
-                optimizer: str = "drop") -> LegacyPlan:
+                optimizer: str = "drop", order: str = "iteration", save_dtype: str = "input",
+                output_iteration: int | None = None, allow_extrapolation: bool = False) -> LegacyPlan:
     paths = [Path(p) for p in inputs]
     seen: dict[Path, Path] = {}
     for p in paths:
@@ -295,14 +315,19 @@ def plan_legacy(inputs: Sequence[str | Path], group, *, method: str = "sma", alp
             raise PMAError(f"{p}: the same checkpoint is given twice")
         seen[p.resolve()] = p
     first = next(p for p in paths if legacy.is_legacy_checkpoint(p))
-    loaded = sorted((load_input(p, first) for p in paths), key=lambda c: c.iteration)
-    for a, b in zip(loaded, loaded[1:]):
-        if a.iteration == b.iteration:
-            raise PMAError(f"{b.label}: duplicate iteration {b.iteration} (also {a.label})")
+    input_order.check_order(order)
+    if save_dtype not in SAVE_DTYPES:
+        raise PMAError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
+    typed = [load_input(p, first, unknown_iteration=order == "given") for p in paths]
+    loaded = input_order.ordered(typed, order)
     layouts.check_same(loaded)
-    w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize)
+    w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize,
+                          allow_extrapolation=allow_extrapolation)
     files, copies = _layout_files(loaded, optimizer)
-    plan = LegacyPlan(loaded, w, files, copies, method, optimizer)
+    target = getattr(torch, SAVE_DTYPES[save_dtype]) if SAVE_DTYPES[save_dtype] else None
+    plan = LegacyPlan(loaded, w, files, copies, method, optimizer,
+                      output_iteration if output_iteration is not None else loaded[-1].iteration, target,
+                      input_order.weights_warning(typed, loaded, w, order) if weights is not None else None)
     _check_rank_set(plan)
     error = None
     try:  # the expensive part (every file's pickle), spread over ranks like the merge itself
@@ -342,18 +367,20 @@ class _Scratch:
 
 
 def _average(tensors: list[torch.Tensor], weights: list[float], check: bool, label,
-             scratch: _Scratch) -> torch.Tensor:
-    """sum_i w_i * storage_i as a new flat tensor of the newest's dtype, slab by slab in fp32.
+             scratch: _Scratch, dtype: torch.dtype) -> torch.Tensor:
+    """sum_i w_i * storage_i as a new flat tensor of ``dtype``, slab by slab in fp32.
 
     A new buffer, not the newest input's mapped pages: writing those would copy each page first.
     """
     srcs = [_flat(t) for t in tensors]
-    out = torch.empty_like(srcs[-1])
+    out = torch.empty(srcs[-1].numel(), dtype=dtype)
     fp32 = out.dtype == torch.float32
     for first in range(0, out.numel(), SLAB_ELEMENTS):
         n = min(SLAB_ELEMENTS, out.numel() - first)
-        if fp32:  # accumulate in the output itself
+        if fp32 and srcs[0].dtype == torch.float32:  # accumulate in the output itself
             acc = torch.mul(srcs[0][first:first + n], weights[0], out=out[first:first + n])
+        elif fp32:  # --save-dtype fp32 of narrower inputs: widen first, then weigh (no rounding)
+            acc = out[first:first + n].copy_(srcs[0][first:first + n]).mul_(weights[0])
         else:
             acc = scratch.get(n).copy_(srcs[0][first:first + n]).mul_(weights[0])
         for w, s in zip(weights[1:], srcs[1:]):
@@ -386,15 +413,25 @@ def merge_file(plan: LegacyPlan, rel: str, stage: Path, allow_nonfinite: bool) -
         for path, role, tensors in tensors_to_merge(objs, dist_file, plan.optimizer, files):
             t = tensors[-1]
             key = t.untyped_storage().data_ptr()
-            if len(tensors) < 2 or key in averages or not _averaged(role, plan.optimizer, t.dtype):
+            average = len(tensors) > 1 and _averaged(role, plan.optimizer, t.dtype)
+            convert = _converted(role, t.dtype, plan.save_dtype)
+            if key in averages or not (average or convert):
                 continue
             if key not in merged:
-                merged[key] = _average(tensors, plan.weights, not allow_nonfinite, (files, path), scratch)
+                merged[key] = _average(tensors if average else tensors[-1:], plan.weights if average else [1.0],
+                                       not allow_nonfinite, (files, path), scratch, convert or t.dtype)
                 averages.add(merged[key].untyped_storage().data_ptr())
-            t.set_(merged[key].untyped_storage(), t.storage_offset(), t.size(), t.stride())
+            m = merged[key]
+            if m.dtype == t.dtype:
+                t.set_(m.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+            else:  # --save-dtype: a tensor of the new dtype, the same view of the converted storage
+                _replace(objs[-1], path, torch.empty(0, dtype=m.dtype).set_(
+                    m.untyped_storage(), t.storage_offset(), t.size(), t.stride()))
     newest = objs[-1]
     if plan.optimizer == "drop" and not dist_file:
         newest.pop("optimizer", None)
+    if plan.restamped and not dist_file:
+        iteration_stamp.stamp_state(newest, plan.iteration)
     out = stage / rel
     try:
         codec.save(newest, out)
@@ -402,9 +439,25 @@ def merge_file(plan: LegacyPlan, rel: str, stage: Path, allow_nonfinite: bool) -
         raise PMAError(f"{out}: write failed ({os.strerror(e.errno) if e.errno else e})") from None
     except RuntimeError as e:  # torch's zip writer hides the OSError
         raise PMAError(f"{out}: write failed ({_first_line(e)})") from None
-    if plan.optimizer != "drop":
+    if plan.optimizer != "drop" and not plan.restamped and plan.save_dtype is None:  # nothing changed on purpose
         _check_faithful(Path(files[-1]), out)
     return len(merged)
+
+
+def _converted(role: str, dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype | None:
+    """``--save-dtype``'s dtype for a model weight that changes (None: it keeps its own)."""
+    if target is None or role != "model" or dtype == target or dtype not in _CONVERTIBLE:
+        return None
+    return target
+
+
+def _replace(obj, path: tuple, value) -> None:
+    """Put ``value`` at ``path`` inside the loaded object (a tensor that changes dtype)."""
+    for key in path[:-1]:
+        obj = obj[key]
+    if isinstance(obj, tuple):
+        raise PMAError(f"key {show(path)}: inside a tuple, cannot change its dtype")
+    obj[path[-1]] = value
 
 
 def _pickle_record(file: Path) -> bytes:

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from megatron_pma import layouts, schedules, slab_math
+from megatron_pma import input_order, layouts, schedules, slab_math
 from megatron_pma.checkpoint import dcp, dcp_types, integrity, legacy, torch_zip, writeback
 from megatron_pma.checkpoint.dcp_types import (
     DType,
@@ -36,9 +36,9 @@ from megatron_pma.checkpoint.dcp_types import (
 )
 from megatron_pma.checkpoint.discovery import check_checkpoint_dir, is_complete
 from megatron_pma.checkpoint.common_state import read_common_state
-from megatron_pma.errors import PMAError
+from megatron_pma.errors import PMAError, UnknownIteration
 from megatron_pma.layouts import Layout
-from megatron_pma.names import PROVENANCE_FILE
+from megatron_pma.names import PROVENANCE_FILE, SAVE_DTYPES, is_extra_state
 
 NAME = "torch_dist"
 # 1 Mi elements (4 MiB of fp32): the accumulator and read buffer of a slab stay in the CPU cache
@@ -48,12 +48,13 @@ _CHAINED = re.compile(r"^chained_\d+\.")
 _STATE_ROLES = {"fp32_param": "param", "param": "param", "exp_avg": "moment", "exp_avg_sq": "moment"}
 # Files we regenerate; everything else at the top of the newest input is copied verbatim.
 _REGENERATED = {dcp.METADATA_FILE, PROVENANCE_FILE, "integrity.json"}
+_COMMON_STATE = "common_state"  # megatron-core >= 0.19: the common state's byte object key prefix
 
 
 @dataclass
 class InputCheckpoint:
     path: Path                  # the torch_dist files (a NeMo 2 checkpoint's weights/)
-    iteration: int
+    iteration: int | None       # None: unknown (only with order="given")
     metadata: Metadata
     root: Path | None = None    # the checkpoint dir when the files are below it (NeMo 2), else None
     layout: Layout = layouts.LAYOUTS[-1]
@@ -76,7 +77,9 @@ class Job:
     shape: tuple = ()
     dtype: DType | None = None
     merge: bool = True             # False: take the newest input's bytes
-    nbytes: int = 0
+    nbytes: int = 0                # output bytes
+    out_dtype: DType | None = None  # --save-dtype: written as this (None: as dtype)
+    payload: bytes | None = None   # written instead of the newest input's bytes (stamped common state)
 
     @property
     def index(self) -> MetadataIndex:
@@ -93,10 +96,17 @@ class MergePlan:
     method: str
     optimizer: str
     verify_integrity: bool = False
+    iteration: int | None = None   # the output's (written into its common state when it differs)
+    warning: str | None = None     # one line for the user (weights vs. inputs typed out of order)
 
     @property
     def newest(self) -> InputCheckpoint:
         return self.inputs[-1]
+
+    @property
+    def restamped(self) -> bool:
+        """The output's iteration differs from the newest input's: its common state is rewritten."""
+        return self.iteration is not None and self.iteration != self.newest.iteration
 
     def files(self) -> list[list[Job]]:
         """Deterministic, balanced assignment of jobs to output files (largest first)."""
@@ -141,8 +151,8 @@ def _keep_key(key: str, optimizer: str) -> bool:
 
 
 def _merge_key(key: str, optimizer: str, dtype: DType) -> bool:
-    if not dtype.is_floating_point:
-        return False  # step counters and the like: newest wins
+    if not dtype.is_floating_point or is_extra_state(key):
+        return False  # step counters, Transformer Engine's FP8 scales / amax history: newest wins
     role = optimizer_role(key)
     if role is None or role == "param":
         return True  # model weights and the fp32 master copy must move together (see README)
@@ -153,7 +163,9 @@ def _merge_key(key: str, optimizer: str, dtype: DType) -> bool:
 # Planning: every check that can fail runs here, before any output exists.
 
 
-def load_input(path: Path) -> InputCheckpoint:
+def load_input(path: Path, unknown_iteration: bool = False) -> InputCheckpoint:
+    """One input, checked; ``unknown_iteration``: a checkpoint that does not say its iteration
+    loads with iteration None instead of being refused (``order="given"``)."""
     path = Path(path)
     check_checkpoint_dir(path)
     layout = layouts.of_checkpoint(path)
@@ -178,7 +190,12 @@ def load_input(path: Path) -> InputCheckpoint:
     _check_files(path, md)
     state = read_common_state(path, md)  # unreadable common state fails here, before any output exists
     dcp.check_pickles(path, md, root)  # what the merge copies verbatim passed the allowlist too
-    iteration = layout.iteration(root, lambda: state)
+    try:
+        iteration = layout.iteration(root, lambda: state)
+    except UnknownIteration:
+        if not unknown_iteration:
+            raise
+        iteration = None
     return InputCheckpoint(path, iteration, md, root if root != path else None, layout)
 
 
@@ -255,7 +272,10 @@ def _compare_entry(key, other, e, ref, r) -> None:
 def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: float = 0.2,
                weights: Sequence[float] | None = None, normalize: bool = False,
                optimizer: str = "drop", num_files: int | None = None,
-               verify_integrity: bool = False) -> MergePlan:
+               verify_integrity: bool = False, order: str = "iteration", save_dtype: str = "input",
+               output_iteration: int | None = None, allow_extrapolation: bool = False) -> MergePlan:
+    """Every check that can fail, then the jobs. ``output_iteration``: the output's iteration
+    (None: the newest input's); when it differs, the common state is stamped with it."""
     if not inputs:
         raise PMAError("no input checkpoints given")
     paths = [Path(p) for p in inputs]
@@ -268,39 +288,73 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
         if real in seen:
             raise PMAError(f"{p}: the same checkpoint is given twice")
         seen[real] = p
-    loaded = sorted((load_input(p) for p in paths), key=lambda c: c.iteration)
-    for a, b in zip(loaded, loaded[1:]):
-        if a.iteration == b.iteration:
-            raise PMAError(f"{b.label}: duplicate iteration {b.iteration} (also {a.label})")
+    input_order.check_order(order)
+    typed = [load_input(p, unknown_iteration=order == "given") for p in paths]
+    loaded = input_order.ordered(typed, order)
     layouts.check_same(loaded)
-    w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize)
+    w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize,
+                          allow_extrapolation=allow_extrapolation)
+    warning = input_order.weights_warning(typed, loaded, w, order) if weights is not None else None
+    target = _save_dtype(save_dtype)
     kept = check_layout(loaded, optimizer)
     if verify_integrity:
         for c in loaded:
             integrity.verify(c.path)
     newest = loaded[-1]
+    restamp = output_iteration is not None and output_iteration != newest.iteration
     jobs: list[Job] = []
     for key in kept:
         entry = newest.metadata.state_dict_metadata[key]
         if isinstance(entry, TensorStorageMetadata):
             dtype = entry.properties.dtype
-            itemsize = dtype.itemsize
             merge = _merge_key(key, optimizer, dtype) and len(loaded) > 1
             if merge and not slab_math.supported(dtype):
                 raise PMAError(f"{newest.label}: key {key} is {dtype}; averaging {dtype} values "
                                "(each checkpoint scaled its own way) is not supported")
+            out_dtype = _output_dtype(key, dtype, target)
             for c in entry.chunks:
-                jobs.append(Job(key, tuple(c.offsets), tuple(c.sizes), dtype, merge,
-                                math.prod(c.sizes) * itemsize))
+                jobs.append(Job(key, tuple(c.offsets), tuple(c.sizes), dtype, merge or out_dtype is not None,
+                                math.prod(c.sizes) * (out_dtype or dtype).itemsize, out_dtype))
         else:
-            jobs.append(Job(key, None, merge=False))
+            payload = _stamped_common_state(newest, key, output_iteration) if restamp else None
+            jobs.append(Job(key, None, merge=False, payload=payload))
     if num_files is None:
         n_in = len({info.relative_path for info in newest.metadata.storage_data.values()})
         num_files = max(n_in, 8)
     num_files = max(1, min(num_files, len(jobs)))
     copied = [j.index for j in jobs if not j.merge and j.offsets is not None]
     dcp.check_tensor_blobs(newest.path, newest.metadata, copied)  # verbatim copies pass the allowlist too
-    return MergePlan(loaded, w, jobs, num_files, kept, method, optimizer, verify_integrity)
+    return MergePlan(loaded, w, jobs, num_files, kept, method, optimizer, verify_integrity,
+                     output_iteration if output_iteration is not None else newest.iteration, warning)
+
+
+def _save_dtype(save_dtype: str) -> DType | None:
+    if save_dtype not in SAVE_DTYPES:
+        raise PMAError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
+    name = SAVE_DTYPES[save_dtype]
+    return DType.get(name) if name else None
+
+
+def _output_dtype(key: str, dtype: DType, target: DType | None) -> DType | None:
+    """The dtype a model weight is written in when ``--save-dtype`` changes it (None: unchanged).
+    Optimizer state, integers, extra state and fp8 keep theirs."""
+    if target is None or target == dtype or optimizer_role(key) is not None or is_extra_state(key):
+        return None
+    return target if slab_math.supported(dtype) else None
+
+
+def _stamped_common_state(ckpt: InputCheckpoint, key: str, iteration: int) -> bytes | None:
+    """megatron-core >= 0.19 keeps the common state in DCP: its bytes with the output's iteration."""
+    if not key.startswith(_COMMON_STATE):
+        return None
+    from megatron_pma.checkpoint import iteration_stamp
+
+    path, info = _Reader().storage(ckpt, MetadataIndex(key, None))
+    blob = dcp.read_bytes(path, info.offset, info.length)
+    try:
+        return iteration_stamp.stamp_bytes(blob, iteration)
+    except Exception as e:
+        raise PMAError(f"{path}: cannot rewrite the common state's iteration ({type(e).__name__}: {e})") from None
 
 
 def plan(inputs: Sequence[str | Path], group, *, num_files: int | None = None,
@@ -359,8 +413,8 @@ class _Reader:
 
 def _merged_slabs(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: bool,
                   scratch: slab_math.Scratch):
-    """A merged chunk's raw bytes in the input dtype, yielded slab by slab (each valid until the
-    next is asked for).
+    """A merged chunk's raw bytes in the input dtype (or ``job.out_dtype``), yielded slab by slab
+    (each valid until the next is asked for).
 
     Per slab: the first input is read straight into the accumulator (fp32 / fp64 chunks: no
     widening), every further input is read into one reusable buffer, widened and added with its
@@ -371,6 +425,8 @@ def _merged_slabs(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: b
     numel = math.prod(job.shape)
     raw_t, acc_t = slab_math.raw_dtype(job.dtype), slab_math.acc_dtype(job.dtype)
     in_place = raw_t == acc_t
+    out_dtype = job.out_dtype or job.dtype
+    out_t = slab_math.raw_dtype(out_dtype)
     # Distributed-optimizer buckets hold padding that Megatron leaves uninitialised (torch.empty):
     # junk there is harmless and must not fail the merge.
     check = not allow_nonfinite and not _CHAINED.sub("", job.key).startswith("optimizer.distributed.")
@@ -390,14 +446,18 @@ def _merged_slabs(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: b
                     slab_math.widen(raw, job.dtype, wide)
                 np.multiply(wide, w, out=wide)
                 np.add(acc, wide, out=acc)
-        finite = slab_math.all_finite(acc) if (check or not in_place) else True  # narrow() wants to know
+        finite = slab_math.all_finite(acc) if (check or out_t != acc_t) else True  # narrow() wants to know
         if check and not finite:
             _raise_nonfinite(plan, job, reader, sources, scratch, first, n)
-        if in_place:
+        if out_t == acc_t:  # fp32 / fp64 chunks, and --save-dtype fp32 of bf16 / fp16 ones
             yield acc
-        else:
-            slab_math.narrow(acc, job.dtype, raw, scratch.get(np.dtype(np.uint32), n, "bits"), finite)
-            yield raw
+            continue
+        out = raw if out_dtype is job.dtype else scratch.get(out_t, n, "out")
+        if acc_t != np.float32 and out_dtype.name == "bfloat16":  # fp64 -> fp32 -> bf16, as torch rounds
+            np.copyto(scratch.get(np.dtype(np.float32), n, "f32"), acc, casting="same_kind")
+            acc = scratch.get(np.dtype(np.float32), n, "f32")
+        slab_math.narrow(acc, out_dtype, out, scratch.get(np.dtype(np.uint32), n, "bits"), finite)
+        yield out
 
 
 def _source(reader: _Reader, ckpt: InputCheckpoint, job: Job):
@@ -431,7 +491,8 @@ def _raise_nonfinite(plan, job, reader, sources, scratch, first, n):
 def _save_merged(out: "_Output", job: Job, slabs, scratch: slab_math.Scratch) -> None:
     """A merged chunk as a torch.save blob, streamed slab by slab: no chunk-sized buffer.
     Blobs past 4 GiB need ZIP64: assembled in memory and left to torch.save itself."""
-    writer = torch_zip.TensorWriter.start(out, dcp_types.STORAGE_OF[job.dtype.name], job.shape)
+    dtype = job.out_dtype or job.dtype
+    writer = torch_zip.TensorWriter.start(out, dcp_types.STORAGE_OF[dtype.name], job.shape)
     if writer is not None:
         for slab in slabs:
             writer.write(slab)
@@ -439,12 +500,12 @@ def _save_merged(out: "_Output", job: Job, slabs, scratch: slab_math.Scratch) ->
         return
     import torch
 
-    data, pos = scratch.output(math.prod(job.shape) * job.dtype.itemsize), 0
+    data, pos = scratch.output(math.prod(job.shape) * dtype.itemsize), 0
     for slab in slabs:
         data[pos:pos + slab.nbytes] = slab.view(np.uint8)
         pos += slab.nbytes
     try:
-        torch.save(torch.frombuffer(data, dtype=job.dtype.torch).view(job.shape), out.file)
+        torch.save(torch.frombuffer(data, dtype=dtype.torch).view(job.shape), out.file)
     except RuntimeError as e:  # torch's zip writer hides the OSError
         _reraise_os_error(out.file)
         raise PMAError(f"{out.file.name}: write failed ({e})") from None
@@ -486,6 +547,8 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, s
                 start = f.tell()
                 if job.merge:
                     _save_merged(out, job, _merged_slabs(plan, job, reader, allow_nonfinite, scratch), scratch)
+                elif job.payload is not None:  # the common state, stamped with the output's iteration
+                    out.write(job.payload)
                 else:  # byte objects, and chunks the newest input decides: its blob, verbatim
                     src_path, info = reader.storage(plan.newest, job.index)
                     _copy_range(src_path, info.offset, info.length, out)
@@ -515,6 +578,10 @@ def _write_metadata(plan: MergePlan, stage: Path, storage: dict) -> None:
     src = plan.newest.metadata
     kept = set(plan.kept_keys)
     state_md = {k: v for k, v in src.state_dict_metadata.items() if k in kept}
+    for job in plan.jobs:  # --save-dtype: the new dtype is what loaders allocate
+        if job.out_dtype is not None and state_md[job.key].properties.dtype != job.out_dtype:
+            e = state_md[job.key]
+            state_md[job.key] = TensorStorageMetadata(e.properties.with_dtype(job.out_dtype), e.size, e.chunks)
     planner_data = src.planner_data
     if isinstance(planner_data, dict):
         planner_data = {k: v for k, v in planner_data.items() if k in kept}
@@ -580,6 +647,14 @@ def finish(plan: MergePlan, data: Path, storage: dict, digests: dict, left_out: 
     metadata, the newest input's other files, integrity.json."""
     _write_metadata(plan, data, storage)
     _copy_common_files(plan.newest.path, data, set(left_out))
+    if plan.restamped and (data / dcp.COMMON_FILE).exists():  # megatron-core <= 0.18
+        from megatron_pma.checkpoint import iteration_stamp
+
+        try:
+            iteration_stamp.stamp_file(data / dcp.COMMON_FILE, plan.iteration)
+        except Exception as e:
+            raise PMAError(f"{plan.newest.path / dcp.COMMON_FILE}: cannot rewrite its iteration "
+                           f"({type(e).__name__}: {e})") from None
     if _wants_manifest(plan):
         integrity.write(data, digests)
 

@@ -21,7 +21,7 @@ from megatron_pma.checkpoint.discovery import (
     iteration_from_name,
     read_tracker,
 )
-from megatron_pma.errors import PMAError
+from megatron_pma.errors import PMAError, UnknownIteration
 
 # Read lazily: most checkpoints name their iteration, so their common state is never unpickled.
 StateFn = Callable[[], "dict | None"]
@@ -53,7 +53,8 @@ class Layout:
             s = state()
             it = s.get("iteration") if s else None
             if not isinstance(it, int):
-                raise PMAError(f"{ckpt}: cannot tell its iteration (name it iter_XXXXXXX)")
+                raise UnknownIteration(f"{ckpt}: cannot tell its iteration (name it iter_XXXXXXX, or pass "
+                                       "--order given to take the inputs in the order typed)")
         return it
 
     def tokens(self, ckpt: Path, iteration: int, tokens_per_iter: int | None) -> int | None:
@@ -70,6 +71,10 @@ class Layout:
 
     def copy_beside(self, newest: Path, stage: Path) -> None:
         """Copy what sits beside the tensor folder (NeMo 2: ``context/``); nothing here."""
+
+    def stamp_iteration(self, stage: Path, iteration: int) -> None:
+        """Write the output's iteration into the layout's own files beside the tensors (Bridge's
+        ``train_state.pt``); the format stamps its common state. Nothing here."""
 
     # Where a checkpoint's tensor files sit inside it (NeMo 2: "weights"), the merge's output too.
     data_subdir = ""

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from megatron_pma.checkpoint import dcp, publish
-from megatron_pma.checkpoint.discovery import TRACKER, iter_dir_name, iteration_from_name, read_tracker
+from megatron_pma.checkpoint.discovery import TRACKER, iteration_from_name, read_tracker
 from megatron_pma.errors import PMAError
 from megatron_pma.layouts.base import Layout, StateFn
 from megatron_pma.names import TRAIN_STATE, TRAIN_STATE_TRACKER
@@ -71,12 +71,17 @@ class Bridge(Layout):
                                "weights); convert the merged checkpoint to get merged Hugging Face weights"}
         return {}
 
-    def check_output(self, output: Path, newest_iteration: int, trackers: bool) -> None:
-        it = iteration_from_name(output)
-        if trackers and it is not None and it != newest_iteration:
-            raise PMAError(f"{output}: a Megatron-Bridge output whose trackers are written must be named after "
-                           f"the newest input ({iter_dir_name(newest_iteration)}): its {TRAIN_STATE} becomes "
-                           f"{TRAIN_STATE_TRACKER}; rename the output or pass --no-tracker")
+    def stamp_iteration(self, stage: Path, iteration: int) -> None:
+        """``train_state.pt``'s step says the output's iteration (it becomes the save dir's
+        ``latest_train_state.pt``, which Bridge's loader reads first)."""
+        state = Path(stage) / TRAIN_STATE
+        if state.is_file():
+            from megatron_pma.checkpoint import iteration_stamp
+
+            try:
+                iteration_stamp.stamp_train_state(state, iteration)
+            except Exception as e:
+                raise PMAError(f"{state}: cannot rewrite its step ({type(e).__name__}: {e})") from None
 
     def owns_save_dir(self, save_dir: Path) -> bool:
         save_dir = Path(save_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from megatron_pma.checkpoint import nemo
 from megatron_pma.checkpoint.discovery import TRACKER, iteration_from_name
-from megatron_pma.errors import PMAError
+from megatron_pma.errors import PMAError, UnknownIteration
 from megatron_pma.layouts.base import Layout, StateFn
 
 
@@ -42,7 +42,8 @@ class NeMo2(Layout):
                 return step
         step = nemo.step_from_state(state())
         if step is None:
-            raise PMAError(f"{root}: cannot tell its step (no step=N in the name, no global_step saved)")
+            raise UnknownIteration(f"{root}: cannot tell its step (no step=N in the name, no global_step saved; "
+                                   "--order given takes the inputs in the order typed)")
         return step
 
     def copy_beside(self, newest: Path, stage: Path) -> None:

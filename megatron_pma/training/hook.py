@@ -85,6 +85,9 @@ class PMAHook:
             :func:`megatron_pma.layouts.select_window`.
         optimizer: ``drop`` | ``average`` | ``keep-last-moments`` (``average`` makes merges that can
             be resumed with their optimizer).
+        save_dtype: ``input`` (default) | ``fp32`` | ``bf16`` | ``fp16``: dtype of the merged model
+            weights (optimizer state keeps its own).
+        allow_extrapolation: accept custom ``weights`` that are negative or do not sum to 1.
         output_root: where merges go (default ``<save_dir>/pma``); outputs ``<output_root>/iter_XXXXXXX``.
         keep_last: keep only this many merged checkpoints under ``output_root`` (None: keep all).
         merge_fn: the merge function. A ``"module:function"`` string (default: the real engine) runs
@@ -112,6 +115,8 @@ class PMAHook:
         tokens_per_iter: Optional[int] = None,
         every: int = 1,
         optimizer: str = "drop",
+        save_dtype: str = "input",
+        allow_extrapolation: bool = False,
         output_root: Union[str, os.PathLike, None] = None,
         keep_last: Optional[int] = None,
         merge_fn: Union[str, Callable, None] = None,
@@ -132,6 +137,8 @@ class PMAHook:
         self.tokens_per_iter = tokens_per_iter
         self.every = int(every)
         self.optimizer = optimizer
+        self.save_dtype = save_dtype
+        self.allow_extrapolation = bool(allow_extrapolation)
         self.output_root = Path(output_root) if output_root is not None else self.save_dir / "pma"
         self.keep_last = keep_last
         self.merge_fn = merge_fn if merge_fn is not None else DEFAULT_MERGE_FN
@@ -243,6 +250,9 @@ class PMAHook:
             "output": str(self.output_root / f"iter_{iteration:07d}"),
             "merge_kwargs": {"method": self.method, "alpha": self.alpha, "weights": self.weights,
                              "optimizer": self.optimizer,
+                             # the defaults are left out: a custom merge_fn need not know them
+                             "save_dtype": self.save_dtype if self.save_dtype != "input" else None,
+                             "allow_extrapolation": self.allow_extrapolation or None,
                              # engine functions (given as "module:function") take threads too
                              "threads": self.threads if isinstance(self.merge_fn, str) else None},
             "merge_fn": self.merge_fn if isinstance(self.merge_fn, str) else None,

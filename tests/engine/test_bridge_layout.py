@@ -123,14 +123,8 @@ def _bad_interval_tokens_without_run_config(save, tmp):
     return ["--save-dir", save[0].parent, "--num-models", "2", "--interval-tokens", "100"], "no run_config.yaml"
 
 
-def _bad_output_named_after_another_iteration(save, tmp):
-    out = save[0].parent / "pma" / "iter_0000099"
-    return [*save, "--output", out], "must be named after the newest input"
-
-
 BAD = {f.__name__[5:]: f for f in (_bad_trackers_disagree, _bad_fsdp_dtensor, _bad_fsdp_dtensor_in_save_dir,
-                                   _bad_mixed_with_megatron_lm, _bad_interval_tokens_without_run_config,
-                                   _bad_output_named_after_another_iteration)}
+                                   _bad_mixed_with_megatron_lm, _bad_interval_tokens_without_run_config)}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

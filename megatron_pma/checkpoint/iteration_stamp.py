@@ -1,0 +1,73 @@
+"""Write an output's iteration into the state Megatron resumes from.
+
+A merge keeps the newest input's non-tensor state, so an output named ``iter_0000030`` made of
+inputs ending at iteration 20 would still say 20 inside: Megatron would resume at 20 under a
+folder (and tracker) saying 30, and its next save could collide. The iteration lives in
+
+- ``common.pt`` (megatron-core <= 0.18) and the DCP byte object ``common_state/shard_0_1``
+  (>= 0.19, the bytes of ``torch.save([state_dict])``): ``iteration`` and ``args.iteration``;
+- each legacy ``mp_rank_*/model_optim_rng.pt``: the same two fields;
+- Megatron-Bridge's ``train_state.pt``: ``step`` (a 0-d tensor).
+
+Only these fields change; everything else (``opt_param_scheduler``, ``args.consumed_train_samples``,
+...) stays the newest input's: the run the weights came from. Files are re-pickled with
+:mod:`torch_pickle`'s codec, so Megatron's classes inside are never imported and come back
+under their own names. Imports torch: only merges whose iteration changes pay for it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from megatron_pma.checkpoint import torch_pickle
+
+
+def stamp_state(state, iteration: int) -> bool:
+    """Set ``iteration`` and ``args.iteration`` where the state has them; True if it had either."""
+    found = False
+    if isinstance(state, dict) and "iteration" in state:
+        state["iteration"] = iteration
+        found = True
+    args = state.get("args") if isinstance(state, dict) else None
+    if args is not None and hasattr(args, "iteration"):
+        args.iteration = iteration
+        found = True
+    return found
+
+
+def stamp_file(path: Path, iteration: int) -> None:
+    """Rewrite a ``torch.save`` file of a state dict (``common.pt``) with the new iteration."""
+    state, codec = torch_pickle.load(Path(path), mmap=False)
+    stamp_state(state, iteration)
+    tmp = Path(path).with_name(Path(path).name + ".stamp")
+    codec.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def stamp_bytes(blob: bytes, iteration: int) -> bytes:
+    """The bytes of a ``torch.save([state_dict])`` (0.19's common state) with the new iteration."""
+    import torch
+
+    codec = torch_pickle.Codec()
+    obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False, pickle_module=codec.module)
+    for state in obj if isinstance(obj, list) else [obj]:
+        stamp_state(state, iteration)
+    buf = io.BytesIO()
+    torch.save(obj, buf, pickle_module=codec.module)
+    return buf.getvalue()
+
+
+def stamp_train_state(path: Path, iteration: int) -> None:
+    """Megatron-Bridge's ``train_state.pt``: ``step`` (a 0-d tensor, its dtype kept)."""
+    import torch
+
+    state, codec = torch_pickle.load(Path(path), mmap=False)
+    step = state.get("step") if isinstance(state, dict) else None
+    if step is None:
+        return
+    state["step"] = torch.tensor(iteration, dtype=step.dtype) if isinstance(step, torch.Tensor) else iteration
+    tmp = Path(path).with_name(Path(path).name + ".stamp")
+    codec.save(state, tmp)
+    os.replace(tmp, path)
