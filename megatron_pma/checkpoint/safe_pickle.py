@@ -75,6 +75,9 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     ("numpy", "ndarray"), ("numpy", "dtype"),
     # plain Python
     ("collections", "OrderedDict"), ("argparse", "Namespace"), ("_codecs", "encode"), ("_io", "BytesIO"),
+    # StorageMeta.checkpoint_id of a plain torch DCP save given a Path (pathlib._local: Python >= 3.13)
+    *((m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "PurePosixPath", "WindowsPath",
+                                                              "PureWindowsPath")),
     *(("builtins", n) for n in ("set", "frozenset", "slice", "complex")),
     # enums Megatron-LM keeps in args (attention_backend, exit_signal, model_type, cuda graphs, fp8)
     ("signal", "Signals"),

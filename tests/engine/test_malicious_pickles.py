@@ -361,6 +361,16 @@ def test_every_real_pickle_passes_the_allowlist(fixture, request):
             torch_pickle.load(f)
 
 
+def test_a_plain_torch_dcp_save_passes(tmp_path):
+    """torch's own DCP save given a Path keeps it in StorageMeta.checkpoint_id (a PosixPath)."""
+    import torch.distributed.checkpoint as torch_dcp
+
+    torch_dcp.save({"w": torch.ones(4), "extra": {"seed": 1}}, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    md = dcp.read_metadata(tmp_path / "ckpt")
+    dcp.check_pickles(tmp_path / "ckpt", md)
+    assert ("pathlib", "PosixPath") in pickle_globals.globals_of((tmp_path / "ckpt" / dcp.METADATA_FILE).read_bytes())
+
+
 def test_nemo2_pickles_pass_the_allowlist(ckpt_cache_root):
     import nemo2_factory
 
