@@ -191,8 +191,9 @@ def _no_tensor(*args, **kwargs):
 
 class InertUnpickler(Restricted, pickle.Unpickler):
     """Loads any well-formed pickle without torch or megatron: tensors, and allowed classes other
-    than plain Python ones, load as :class:`Inert` stand-ins (reading ``args`` and counters works). Completing a load proves every global of the stream passed the allowlist:
-    a pickle is a straight-line program, each global it names is looked up on the way.
+    than plain Python ones, load as :class:`Inert` stand-ins (reading ``args`` and counters
+    works). Completing a load proves every global of the stream passed the allowlist: a pickle is
+    a straight-line program, each global it names is looked up on the way.
 
     It also notes the bytes a reader may unpickle in turn: the keys of uint8 storages
     (Transformer Engine's ``_extra_state`` is ``pickle.dumps(...)`` in a uint8 tensor, which its
