@@ -75,6 +75,9 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     ("numpy", "ndarray"), ("numpy", "dtype"),
     # plain Python
     ("collections", "OrderedDict"), ("argparse", "Namespace"), ("_codecs", "encode"), ("_io", "BytesIO"),
+    # StorageMeta.checkpoint_id of a plain torch DCP save given a Path (pathlib._local: Python >= 3.13)
+    *((m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "PurePosixPath", "WindowsPath",
+                                                              "PureWindowsPath")),
     *(("builtins", n) for n in ("set", "frozenset", "slice", "complex")),
     # enums Megatron-LM keeps in args (attention_backend, exit_signal, model_type, cuda graphs, fp8)
     ("signal", "Signals"),
@@ -181,14 +184,16 @@ _REAL = {("collections", "OrderedDict"), ("argparse", "Namespace"), ("_codecs", 
 
 
 def _no_tensor(*args, **kwargs):
-    return None
+    """A tensor, as an :class:`Inert` object: whatever the pickle does with it next succeeds, as it
+    would with the real tensor (a failed load would end the check early, see ``_unpickle``)."""
+    return Inert()
 
 
 class InertUnpickler(Restricted, pickle.Unpickler):
-    """Loads any well-formed pickle without torch or megatron: tensors load as None, allowed
-    classes other than plain Python ones as :class:`Inert` stand-ins (reading ``args`` and
-    counters works). Completing a load proves every global of the stream passed the allowlist:
-    a pickle is a straight-line program, each global it names is looked up on the way.
+    """Loads any well-formed pickle without torch or megatron: tensors, and allowed classes other
+    than plain Python ones, load as :class:`Inert` stand-ins (reading ``args`` and counters
+    works). Completing a load proves every global of the stream passed the allowlist: a pickle is
+    a straight-line program, each global it names is looked up on the way.
 
     It also notes the bytes a reader may unpickle in turn: the keys of uint8 storages
     (Transformer Engine's ``_extra_state`` is ``pickle.dumps(...)`` in a uint8 tensor, which its
@@ -232,7 +237,7 @@ class InertUnpickler(Restricted, pickle.Unpickler):
         if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" \
                 and getattr(pid[1], "__name__", None) == "ByteStorage":
             self.byte_storages.append(str(pid[2]))
-        return None
+        return Inert()  # the storage: its bytes are never needed for the plain fields we read
 
 
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's pre-1.6 format opens with this pickle

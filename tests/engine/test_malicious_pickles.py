@@ -220,6 +220,17 @@ def test_watch_once_refuses(place, request, tmp_path):
     assert not list((save / "pma").glob("*iter_*")) if (save / "pma").exists() else True
 
 
+def test_watch_refuses_what_it_reads_itself(request, tmp_path):
+    """--interval-tokens: the watcher reads each checkpoint's common state (args) to space the
+    window, before any merge process: the refusal stops it there."""
+    ckpts, sentinel, planted, global_name = _malicious_run(request, tmp_path, "args", "eval")
+    save = ckpts[-1].parent
+    r = cli("watch", "--save-dir", save, "--num-models", 2, "--interval-tokens", 1, "--once")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and planted.name in last and global_name in last, r.stderr
+    assert not sentinel.exists() and not (save / "pma").exists()
+
+
 def test_hook_records_refusal_and_training_goes_on(gpt_tp2, tmp_path):
     from megatron_pma.training import PMAHook
 
@@ -349,6 +360,16 @@ def test_every_real_pickle_passes_the_allowlist(fixture, request):
             dcp.check_pickles(ckpt, dcp.read_metadata(ckpt))
         for f in ckpt.glob("mp_rank_*/*.pt"):
             torch_pickle.load(f)
+
+
+def test_a_plain_torch_dcp_save_passes(tmp_path):
+    """torch's own DCP save given a Path keeps it in StorageMeta.checkpoint_id (a PosixPath)."""
+    import torch.distributed.checkpoint as torch_dcp
+
+    torch_dcp.save({"w": torch.ones(4), "extra": {"seed": 1}}, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    md = dcp.read_metadata(tmp_path / "ckpt")
+    dcp.check_pickles(tmp_path / "ckpt", md)
+    assert ("pathlib", "PosixPath") in pickle_globals.globals_of((tmp_path / "ckpt" / dcp.METADATA_FILE).read_bytes())
 
 
 def test_nemo2_pickles_pass_the_allowlist(ckpt_cache_root):
