@@ -37,6 +37,7 @@ from megatron_pma.errors import PMAError
 
 DEFAULT_METHODS = ("sma", "ema", "wma") + tuple(f"wsm:{d}" for d in schedules.DECAYS)
 UNITS = ("iterations", "tokens")
+NO_FIT = "window does not fit"
 
 
 @dataclass
@@ -133,6 +134,13 @@ def grid(windows: Sequence[float], num_models: Sequence[int], methods: Sequence[
     return [Trial(m, float(w), int(n)) for w in windows for n in num_models for m in specs]
 
 
+def _too_short(all_its: list[int], picked: list[int], window: float) -> bool:
+    """The newest N consecutive checkpoints already span more than the window: N do not fit in it
+    (a pick with gaps is at most one save interval per gap longer than asked: that one counts)."""
+    consecutive = all_its[all_its.index(picked[0]):all_its.index(picked[-1]) + 1] == picked
+    return consecutive and picked[-1] - picked[0] > window
+
+
 def sweep(save_dir: str | Path, evaluator: Callable[[Path], float], *, windows: Sequence[float],
           num_models: Sequence[int], methods: Sequence[str] = DEFAULT_METHODS, unit: str = "iterations",
           tokens_per_iter: int | None = None, scratch: str | Path | None = None, alpha: float = 0.2,
@@ -154,6 +162,7 @@ def sweep(save_dir: str | Path, evaluator: Callable[[Path], float], *, windows: 
     if not ckpts:
         raise PMAError(f"{save_dir}: no complete checkpoint to sweep over")
     last_it, last_path = ckpts[-1]
+    all_its = [it for it, _ in ckpts]
     own_scratch = scratch is None
     scratch = Path(tempfile.mkdtemp(prefix="pma-sweep-")) if own_scratch else Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -174,9 +183,13 @@ def sweep(save_dir: str | Path, evaluator: Callable[[Path], float], *, windows: 
                                        interval_iters=math.ceil(interval) if unit == "iterations" else None,
                                        interval_tokens=math.ceil(interval) if unit == "tokens" else None)
             except PMAError as e:
-                t.error = f"window does not fit: {e}"
+                t.error = f"{NO_FIT}: {e}"
             else:
                 t.iterations = [iteration_from_name(p) for p in window]
+            if not t.error and unit == "iterations" and _too_short(all_its, t.iterations, t.window):
+                t.error = (f"{NO_FIT}: {t.num_models} checkpoints span at least "
+                           f"{t.iterations[-1] - t.iterations[0]} iterations")
+            if not t.error:
                 out = scratch / f"trial{i:03d}" / f"iter_{t.iterations[-1]:07d}"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 t0 = time.perf_counter()
@@ -232,7 +245,7 @@ def table(result: SweepResult) -> str:
         row = []
         for w, n in cols:
             t = cell.get((m, w, n))
-            row.append("failed" if t.error and t.iterations else "n/a" if t.error else f"{t.loss:.4f}")
+            row.append(f"{t.loss:.4f}" if t.loss is not None else "n/a" if t.error.startswith(NO_FIT) else "failed")
         lines.append(f"{m:>16}" + "".join(f"{x:>16}" for x in row))
     last = result.last
     lines.append(f"{'last (' + str(last.iterations[0]) + ')':>16}"

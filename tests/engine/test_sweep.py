@@ -42,7 +42,7 @@ def test_sweep_api_callable_scores_each_merge_and_records_failures(gpt_tp2, tmp_
         return _embedding_mean(path)
 
     scratch = tmp_path / "scratch"
-    res = sw.sweep(save, evaluator, windows=[20, 40], num_models=[3], scratch=scratch,
+    res = sw.sweep(save, evaluator, windows=[10, 20, 40], num_models=[3], scratch=scratch,
                    methods=["sma", "wsm:cosine", "wsm:minus-sqrt"])
     assert res.last.loss == pytest.approx(inputs[30], rel=1e-12) and res.last.iterations == [30]
     by = {(t.method, t.window): t for t in res.trials}
@@ -55,6 +55,7 @@ def test_sweep_api_callable_scores_each_merge_and_records_failures(gpt_tp2, tmp_
     assert failed.loss is None and "crashed on purpose" in failed.error and failed.iterations == [10, 20, 30]
     for m in ("sma", "wsm:cosine", "wsm:minus-sqrt"):  # 40 iterations with 3 checkpoints: 20 apart, only 2 exist
         assert by[(m, 40.0)].loss is None and "does not fit" in by[(m, 40.0)].error
+        assert "span at least 20 iterations" in by[(m, 10.0)].error  # 3 consecutive saves need 20
     assert res.best.method in ("sma", "wsm:cosine")
     assert list(scratch.iterdir()) == []  # every merge removed once scored
     assert all(p.name == "iter_0000030" for p in seen) and len(seen) == 4
