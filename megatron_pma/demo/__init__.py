@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -262,9 +261,7 @@ def run(args: argparse.Namespace) -> int:
         **summary,
         "sweep": sweep_result,
         "val_loss": summary["pma"]["val_loss"],
-        "per_seed": [{**{k: v for k, v in r.items() if k not in ("curve", "val_loss", "pma_init")},
-                      "pma_init": {arm: {k: v for k, v in d.items()} for arm, d in r.get("pma_init", {}).items()}}
-                     for r in per_seed],
+        "per_seed": [{k: v for k, v in r.items() if k not in ("curve", "val_loss")} for r in per_seed],
         "settings": {"train_iters": T, "save_interval": S, "num_models": N, "lr": args.lr,
                      "ema_alpha": args.alpha, "micro_batch_size": args.micro_batch_size, "seq_length": 64,
                      "model": "GPTModel 2 layers, hidden 64, 4 heads, vocab 256, tied embeddings",
