@@ -276,9 +276,10 @@ def heatmap(result: SweepResult, path: Path) -> bool:
             z[methods.index(t.method), cols.index((t.window, t.num_models))] = t.loss
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 1.2 + 0.45 * len(methods)))
     im = ax.imshow(np.ma.masked_invalid(z), cmap="viridis_r", aspect="auto")
-    for (r, c), v in np.ndenumerate(z):
+    for (r, c), v in np.ndenumerate(z):  # black on the light (low) end of viridis_r, white on the dark end
+        dark = not np.isnan(v) and im.norm(v) > 0.5
         ax.text(c, r, "x" if np.isnan(v) else f"{v:.3f}", ha="center", va="center", fontsize=8,
-                color="red" if np.isnan(v) else "white")
+                color="red" if np.isnan(v) else "white" if dark else "black")
     unit = "tokens" if result.unit == "tokens" else "iters"
     ax.set_xticks(range(len(cols)), [f"{w:g} {unit}\nN={n}" for w, n in cols], fontsize=8)
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
