@@ -1,4 +1,4 @@
-"""`megatron-pma` command line: inspect | merge | watch | demo.
+"""`megatron-pma` command line: inspect | merge | watch | sweep | demo.
 
 Subcommands live in their own modules, each with ``add_arguments(parser)`` and ``run(args)``.
 Bad input ends with one line on stderr and exit code 2; nothing is left behind.
@@ -17,8 +17,9 @@ from megatron_pma.errors import PMAError
 
 SUBCOMMANDS = {
     "inspect": ("megatron_pma.commands.inspect", "show a checkpoint or save dir: format, iteration, tokens, keys"),
-    "merge": ("megatron_pma.commands.merge", "average N checkpoints (SMA/EMA/WMA/LAWA/custom) into a new one"),
+    "merge": ("megatron_pma.commands.merge", "average N checkpoints (SMA/EMA/WMA/LAWA/WSM/custom) into a new one"),
     "watch": ("megatron_pma.training.watch", "sidecar: merge the latest window whenever a checkpoint lands"),
+    "sweep": ("megatron_pma.commands.sweep", "merge a grid of windows x N x methods, score each with your evaluator"),
     "demo": ("megatron_pma.demo", "train a tiny GPT on CPU with PMA on and compare merged vs last vs annealed"),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_pma import schedules
 from megatron_pma.errors import PMAError
 from megatron_pma.names import OPTIMIZER_MODES, SAVE_DTYPES
 
@@ -17,9 +18,11 @@ def _weights(text: str) -> list[float]:
 
 def add_schedule_arguments(parser: argparse.ArgumentParser, *, window: bool = True) -> None:
     g = parser.add_argument_group("merge schedule")
-    g.add_argument("--method", default="sma", choices=["sma", "ema", "wma", "lawa", "custom"],
+    g.add_argument("--method", default="sma", choices=schedules.METHODS,
                    help="weights: sma (1/N), ema (--alpha), wma (linear), lawa (uniform over a "
-                        "strided window), custom (--weights)")
+                        "strided window), wsm (emulates an LR decay, --decay), custom (--weights)")
+    g.add_argument("--decay", default=None, choices=schedules.DECAYS,
+                   help=f"wsm: the LR decay the merge emulates over the window (default {schedules.DEFAULT_DECAY})")
     g.add_argument("--alpha", type=float, default=0.2, help="EMA smoothing factor (default 0.2)")
     g.add_argument("--weights", type=_weights, default=None, help="custom weights w1,w2,... oldest first")
     g.add_argument("--normalize", action="store_true", help="rescale custom weights to sum to 1")
@@ -42,7 +45,7 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *, window: bool = Tr
 
 
 def schedule_kwargs(args: argparse.Namespace) -> dict:
-    return dict(method=args.method, alpha=args.alpha, weights=args.weights,
+    return dict(method=schedules.method_spec(args.method, args.decay), alpha=args.alpha, weights=args.weights,
                 normalize=args.normalize, optimizer=args.optimizer, save_dtype=args.save_dtype,
                 allow_extrapolation=args.allow_extrapolation)
 

@@ -40,3 +40,12 @@ def weights_warning(typed: Sequence, result: Sequence, weights: Sequence[float],
     how = "in the order typed (--order given)" if order == "given" else "oldest first, sorted by iteration"
     pairs = ", ".join(f"{c.iteration}:{w:.4g}" for c, w in zip(result, weights))
     return f"warning: inputs given out of iteration order; --weights apply {how}: iteration:weight {pairs}"
+
+
+def positions(result: Sequence) -> list[int] | None:
+    """Where each input sits along the run (its iteration), for schedules that sample a curve at
+    the checkpoints (WSM); None (evenly spaced) when an iteration is unknown or not increasing."""
+    its = [c.iteration for c in result]
+    if None in its or any(b <= a for a, b in zip(its, its[1:])):
+        return None
+    return its

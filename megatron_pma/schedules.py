@@ -3,7 +3,9 @@
 Weights follow "Model Merging in Pre-training of Large Language Models" (Li et al., 2025,
 arXiv 2505.12082) for SMA / EMA / WMA, and "Early Weight Averaging meets High Learning Rates
 for LLM Pre-training" (Sanyal et al., 2023, arXiv 2306.03241) for LAWA (a uniform average of
-the last k checkpoints taken every s-th save). Checkpoints are always ordered oldest -> newest.
+the last k checkpoints taken every s-th save), and WSM (Tian et al., 2025, arXiv 2507.17634,
+"WSM: Decay-Free Learning Rate Schedule via Checkpoint Merging") for decay-emulating weights.
+Checkpoints are always ordered oldest -> newest.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ from typing import Sequence
 
 from megatron_pma.errors import PMAError
 
-METHODS = ("sma", "ema", "wma", "lawa", "custom")
+METHODS = ("sma", "ema", "wma", "lawa", "wsm", "custom")
+DECAYS = ("linear", "cosine", "inv-sqrt", "minus-sqrt")
+DEFAULT_DECAY = "linear"
+# inv-sqrt: Megatron-LM's ``inverse-square-root`` LR, lr = peak * sqrt(W / step), over a window
+# 16x its warmup W: the emulated LR falls to 1/4 of the peak by the end of the window.
+INV_SQRT_SPAN = 15.0
 
 
 def sma(n: int) -> list[float]:
@@ -72,13 +79,82 @@ def custom(values: Sequence[float], normalize: bool = False, tol: float = 1e-6,
     return w
 
 
+def decay_integral(decay: str, t: float) -> float:
+    """Integral from 0 to ``t`` of the decay shape f, t in [0, 1] (fraction of the window).
+
+    f(0) = 1 and f is non-increasing:
+    ``linear`` 1 - t; ``cosine`` (1 + cos(pi t)) / 2; ``minus-sqrt`` 1 - sqrt(t) (Megatron-LM's
+    ``--lr-wsd-decay-style minus_sqrt`` and the ``minus-sqrt`` weighting of its
+    ``tools/checkpoint/weighted_merge.py``); ``inv-sqrt`` 1 / sqrt(1 + 15 t) (Megatron-LM's
+    ``inverse-square-root`` LR, peak * sqrt(W / step), from the end of warmup W to 16 W).
+    """
+    if decay == "linear":
+        return t - t * t / 2
+    if decay == "cosine":
+        return t / 2 + math.sin(math.pi * t) / (2 * math.pi)
+    if decay == "minus-sqrt":
+        return t - 2.0 / 3.0 * t ** 1.5
+    if decay == "inv-sqrt":
+        return 2.0 / INV_SQRT_SPAN * (math.sqrt(1 + INV_SQRT_SPAN * t) - 1)
+    raise PMAError(f"unknown decay {decay!r}; choose one of {', '.join(DECAYS)}")
+
+
+def wsm_update_weights(n: int, decay: str = DEFAULT_DECAY,
+                       positions: Sequence[float] | None = None) -> list[float]:
+    """WSM's w_1 >= ... >= w_k in [0, 1], one per update between consecutive checkpoints (k = n - 1).
+
+    w_i is the mean of the decay shape over update i's span of the window, the span measured by
+    ``positions`` (iteration or consumed tokens of each checkpoint, oldest first; default evenly
+    spaced): the LR multiplier a decayed run would have applied, on average, to that update.
+    """
+    _check_n(n)
+    if positions is None:
+        positions = range(n)
+    p = [float(x) for x in positions]
+    if len(p) != n:
+        raise PMAError(f"got {len(p)} positions for {n} checkpoints")
+    if any(not math.isfinite(x) for x in p) or any(b <= a for a, b in zip(p, p[1:])):
+        raise PMAError(f"checkpoint positions must be finite and strictly increasing, got {p}")
+    if n == 1:
+        return []
+    span = p[-1] - p[0]
+    t = [(x - p[0]) / span for x in p]
+    t[-1] = 1.0
+    w = [(decay_integral(decay, b) - decay_integral(decay, a)) / (b - a) for a, b in zip(t, t[1:])]
+    w = [min(1.0, max(0.0, x)) for x in w]  # rounding only: the mean of f on [0, 1] lies in [0, 1]
+    for i in range(1, len(w)):  # monotone by construction; rounding must not break it
+        w[i] = min(w[i], w[i - 1])
+    return w
+
+
+def wsm(n: int, decay: str = DEFAULT_DECAY, positions: Sequence[float] | None = None) -> list[float]:
+    """Decay-emulating merge weights (WSM, arXiv 2507.17634, section 3, eq. for theta-hat_{n+k}).
+
+    Merging theta_0..theta_k with c_0 = 1 - w_1, c_j = w_j - w_{j+1} (0 < j < k), c_k = w_k
+    gives theta_0 + sum_i w_i (theta_i - theta_{i-1}): each update scaled by the LR multiplier
+    w_i of the decay it emulates (:func:`wsm_update_weights`). Non-negative because w is
+    non-increasing; sums to 1 by telescoping.
+    """
+    w = wsm_update_weights(n, decay, positions)
+    if not w:
+        return [1.0]
+    return [1.0 - w[0]] + [a - b for a, b in zip(w, w[1:])] + [w[-1]]
+
+
 def weights(method: str, n: int, *, alpha: float = 0.2, values: Sequence[float] | None = None,
-            normalize: bool = False, allow_extrapolation: bool = False) -> list[float]:
+            normalize: bool = False, decay: str | None = None,
+            positions: Sequence[float] | None = None, allow_extrapolation: bool = False) -> list[float]:
     """Weights for ``n`` checkpoints ordered oldest -> newest.
 
     ``lawa`` is a uniform average: its window/stride live in the selection, not the weights.
+    ``wsm`` takes ``decay`` (default linear; also spelled ``method="wsm:cosine"``, the form that
+    travels through APIs passing only a method name) and the checkpoints' ``positions``.
     """
-    method = method.lower()
+    method, decay = parse_method(method, decay)
+    if method == "wsm":
+        if values is not None:
+            raise PMAError("--weights only applies to --method custom, not 'wsm'")
+        return wsm(n, decay, positions)
     if method == "custom" or (values is not None and method not in ("sma", "ema", "wma", "lawa")):
         if values is None:
             raise PMAError("method 'custom' needs --weights w1,w2,...")
@@ -94,6 +170,27 @@ def weights(method: str, n: int, *, alpha: float = 0.2, values: Sequence[float] 
     if method == "wma":
         return wma(n)
     raise PMAError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def parse_method(method: str, decay: str | None = None) -> tuple[str, str | None]:
+    """``"wsm:cosine"`` -> ("wsm", "cosine"); checks that a decay goes only with wsm."""
+    name, _, suffix = method.lower().partition(":")
+    if suffix and decay is not None and suffix != decay:
+        raise PMAError(f"method {method!r} conflicts with decay {decay!r}")
+    decay = suffix or decay
+    if decay is not None and name != "wsm":
+        raise PMAError(f"--decay only applies to --method wsm, not {name!r}")
+    if name == "wsm":
+        decay = decay or DEFAULT_DECAY
+        if decay not in DECAYS:
+            raise PMAError(f"unknown decay {decay!r}; choose one of {', '.join(DECAYS)}")
+    return name, decay
+
+
+def method_spec(method: str, decay: str | None = None) -> str:
+    """The one-string form of a schedule (``"wsm:cosine"``, or the method itself)."""
+    name, decay = parse_method(method, decay)
+    return f"{name}:{decay}" if name == "wsm" else name
 
 
 def select_window(

@@ -322,6 +322,7 @@ def plan_legacy(inputs: Sequence[str | Path], group, *, method: str = "sma", alp
     loaded = input_order.ordered(typed, order)
     layouts.check_same(loaded)
     w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize,
+                          positions=input_order.positions(loaded),  # WSM samples its decay at these
                           allow_extrapolation=allow_extrapolation)
     files, copies = _layout_files(loaded, optimizer)
     target = getattr(torch, SAVE_DTYPES[save_dtype]) if SAVE_DTYPES[save_dtype] else None

@@ -293,6 +293,7 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
     loaded = input_order.ordered(typed, order)
     layouts.check_same(loaded)
     w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize,
+                          positions=input_order.positions(loaded),  # WSM samples its decay at these
                           allow_extrapolation=allow_extrapolation)
     warning = input_order.weights_warning(typed, loaded, w, order) if weights is not None else None
     target = _save_dtype(save_dtype)

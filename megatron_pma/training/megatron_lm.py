@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from megatron_pma import schedules
 from megatron_pma.names import OPTIMIZER_MODES, TRACKER as TRACKER_NAME
 
 _FINALIZE_FN_NAME = "iter_finalize_fn"
@@ -71,7 +72,7 @@ def _pma_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pma-num-models", type=int, required=True,
                    help="number of checkpoints in each merge window (>= 1)")
-    p.add_argument("--pma-method", default="sma", choices=["sma", "ema", "wma", "lawa", "custom"])
+    p.add_argument("--pma-method", default="sma", choices=schedules.METHODS)
     p.add_argument("--pma-alpha", type=float, default=0.2, help="EMA alpha")
     p.add_argument("--pma-weights", default=None, help="custom weights w1,w2,... (oldest first)")
     p.add_argument("--pma-interval-iters", type=int, default=None,

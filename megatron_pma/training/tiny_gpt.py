@@ -37,6 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_pma import schedules
 from megatron_pma.names import OPTIMIZER_MODES, TRACKER
 
 CHECKPOINT_VERSION = 3.0
@@ -150,7 +151,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
     g = parser.add_argument_group("PMA during training")
     g.add_argument("--pma-num-models", type=int, default=0, help="merge the last N checkpoints after every save (0: off)")
-    g.add_argument("--pma-method", default="sma", choices=["sma", "ema", "wma", "lawa"])
+    g.add_argument("--pma-method", default="sma", choices=[m for m in schedules.METHODS if m != "custom"])
     g.add_argument("--pma-alpha", type=float, default=0.2)
     g.add_argument("--pma-interval-iters", type=int, default=None, help="spacing of the window in iterations")
     g.add_argument("--pma-interval-tokens", type=int, default=None, help="spacing of the window in tokens")
@@ -696,7 +697,7 @@ def train(args, *, hook=None, step_callback: Optional[Callable] = None) -> dict:
             _log(args, f"val loss at start: {initial_val:.4f}")
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        losses, saved, evals = [], [], []
+        losses, grad_norms, saved, evals = [], [], [], []
         tokens_per_iter = args.global_batch_size * args.seq_length
         t_start = time.perf_counter()
         while iteration < args.train_iters:
@@ -727,6 +728,7 @@ def train(args, *, hook=None, step_callback: Optional[Callable] = None) -> dict:
             flops += 6.0 * nparams * tokens_per_iter
             dt, cpu_dt = time.perf_counter() - t0, time.process_time() - c0
             losses.append((iteration, loss_sum))
+            grad_norms.append((iteration, gnorm))  # before clipping
             if step_callback is not None:
                 step_callback(iteration, loss_sum, dt, cpu_dt)
             if args.log_interval and iteration % args.log_interval == 0:
@@ -750,7 +752,7 @@ def train(args, *, hook=None, step_callback: Optional[Callable] = None) -> dict:
                 if r.status == "failed":
                     _log(args, f"PMA merge for iteration {r.iteration} failed: {r.error}")
         return {
-            "start_iteration": start_iteration, "iteration": iteration, "losses": losses,
+            "start_iteration": start_iteration, "iteration": iteration, "losses": losses, "grad_norms": grad_norms,
             "val_loss": final_val, "initial_val_loss": initial_val, "evals": evals,
             "optimizer_loaded": bool(loaded_optim), "saved": saved, "loaded_from": loaded_from,
             "train_seconds": train_seconds, "params": nparams, "data": source,

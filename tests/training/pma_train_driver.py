@@ -14,7 +14,7 @@ if __name__ == "__main__":  # megatron's saver re-imports __main__ in a spawned 
 
     for item in json.loads(sys.argv[1]):
         if isinstance(item, dict):
-            from megatron_pma.checkpoint.discovery import select_window
+            from megatron_pma.layouts import select_window
             from megatron_pma.merge import merge_checkpoints
 
             m = item["merge"]
