@@ -4,9 +4,13 @@ Each format is one module with the same functions (the protocol :mod:`megatron_p
 
     NAME                                   "torch_dist", "torch", ...
     plan(inputs, group, *, method, alpha, weights, normalize, optimizer, num_files,
-         verify_integrity) -> plan         every check that can fail, before any output exists;
+         verify_integrity, order, save_dtype, output_iteration, allow_extrapolation) -> plan
+                                           every check that can fail, before any output exists;
                                            plan.inputs (oldest first; .iteration, .outer, .label,
-                                           .layout), .weights, .method, .optimizer, .newest
+                                           .layout), .weights, .method, .optimizer, .newest,
+                                           .iteration (the output's), .restamped (it differs from
+                                           the newest's: the format writes it into the common
+                                           state), .warning (a line for the user, or None)
     staging_dirs(plan) -> [Path]           folders to create in the data dir before ranks write
     write(plan, data_dir, group, *, allow_nonfinite, progress, fsync, threads) -> (dict, ...)
                                            this rank's share; the dicts are gathered over ranks

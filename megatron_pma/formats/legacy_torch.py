@@ -414,7 +414,7 @@ def merge_file(plan: LegacyPlan, rel: str, stage: Path, allow_nonfinite: bool) -
         for path, role, tensors in tensors_to_merge(objs, dist_file, plan.optimizer, files):
             t = tensors[-1]
             key = t.untyped_storage().data_ptr()
-            average = len(tensors) > 1 and _averaged(role, plan.optimizer, t.dtype)
+            average = (len(tensors) > 1 or plan.weights != [1.0]) and _averaged(role, plan.optimizer, t.dtype)
             convert = _converted(role, t.dtype, plan.save_dtype)
             if key in averages or not (average or convert):
                 continue

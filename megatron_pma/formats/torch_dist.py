@@ -303,12 +303,13 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
             integrity.verify(c.path)
     newest = loaded[-1]
     restamp = output_iteration is not None and output_iteration != newest.iteration
+    verbatim = w == [1.0]  # one input at weight 1 (an extrapolated one is scaled)
     jobs: list[Job] = []
     for key in kept:
         entry = newest.metadata.state_dict_metadata[key]
         if isinstance(entry, TensorStorageMetadata):
             dtype = entry.properties.dtype
-            merge = _merge_key(key, optimizer, dtype) and len(loaded) > 1
+            merge = _merge_key(key, optimizer, dtype) and not verbatim
             if merge and not slab_math.supported(dtype):
                 raise PMAError(f"{newest.label}: key {key} is {dtype}; averaging {dtype} values "
                                "(each checkpoint scaled its own way) is not supported")

@@ -182,8 +182,6 @@ def test_output_iteration_in_common_pt(gpt_tp2, tmp_path):
     _merge(*gpt_tp2, "--output", tmp_path / "plain", "--output-iteration", "50")
     named, explicit = _common([save / "iter_0000040", tmp_path / "plain"], tmp_path)
     assert named["iteration"] == 40 and explicit["iteration"] == 50
-    ref = reference_merge([ckpt_factory.load_full_tensors(p) for p in gpt_tp2], schedules.sma(3))
-    assert_tensors_close(ckpt_factory.load_full_tensors(save / "iter_0000040"), ref)
 
 
 def test_output_iteration_in_dcp_common_state(gpt_mcore0192, mcore_new_path, tmp_path):
