@@ -46,6 +46,7 @@ class Trial:
     window: float
     num_models: int
     iterations: list[int] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     loss: float | None = None
     error: str | None = None
@@ -152,7 +153,6 @@ def sweep(save_dir: str | Path, evaluator: Callable[[Path], float], *, windows: 
     are evaluated (default: a temporary folder), each removed right after.
     """
     from megatron_pma import merge_checkpoints
-    from megatron_pma.checkpoint.discovery import iteration_from_name
     from megatron_pma.layouts import list_checkpoints, select_window
 
     if unit not in UNITS:
@@ -164,6 +164,7 @@ def sweep(save_dir: str | Path, evaluator: Callable[[Path], float], *, windows: 
         raise PMAError(f"{save_dir}: no complete checkpoint to sweep over")
     last_it, last_path = ckpts[-1]
     all_its = [it for it, _ in ckpts]
+    iteration_of = {Path(p): it for it, p in ckpts}  # NeMo 2 names are not iter_XXXXXXX
     own_scratch = scratch is None
     scratch = Path(tempfile.mkdtemp(prefix="pma-sweep-")) if own_scratch else Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,8 @@ def sweep(save_dir: str | Path, evaluator: Callable[[Path], float], *, windows: 
             except PMAError as e:
                 t.error = f"{NO_FIT}: {e}"
             else:
-                t.iterations = [iteration_from_name(p) for p in window]
+                t.iterations = [iteration_of[Path(p)] for p in window]
+                t.inputs = [str(p) for p in window]
             if not t.error and unit == "iterations" and _too_short(all_its, t.iterations, t.window):
                 t.error = (f"{NO_FIT}: {t.num_models} checkpoints span at least "
                            f"{t.iterations[-1] - t.iterations[0]} iterations")
@@ -222,14 +224,11 @@ def publish_best(result: SweepResult, output: str | Path, *, alpha: float = 0.2,
                  workers: int = 1, force: bool = False):
     """Merge the winning combination again into ``output`` (atomic, like ``merge``)."""
     from megatron_pma import merge_checkpoints
-    from megatron_pma.checkpoint.discovery import iter_dir_name
 
     best = result.best
     if best is None:
         raise PMAError("no merge was evaluated successfully; nothing to keep")
-    save_dir = Path(result.save_dir)
-    inputs = [save_dir / iter_dir_name(it) for it in best.iterations]
-    return merge_checkpoints(inputs, output, method=best.method, alpha=alpha, workers=workers, force=force,
+    return merge_checkpoints(best.inputs, output, method=best.method, alpha=alpha, workers=workers, force=force,
                              progress=False)
 
 

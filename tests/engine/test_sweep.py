@@ -132,3 +132,25 @@ def test_cli_merge_wsm_decay_real_checkpoints(gpt_tp2, tmp_path):
     p = cli("merge", *gpt_tp2, "-o", tmp_path / "m2", "--method", "sma", "--decay", "cosine")
     assert p.returncode == 2 and "--decay only applies to --method wsm" in p.stderr
     assert not (tmp_path / "m2").exists()
+
+
+def test_sweep_nemo2_checkpoints_dir_and_keep_best(ckpt_cache_root, tmp_path):
+    """A NeMo 2 ``checkpoints/`` dir (names are not iter_XXXXXXX): windows by step, best re-merged."""
+    import ckpt_factory
+    import nemo2_factory
+
+    run = nemo2_factory.cached_nemo_run("nemo2-tp2")
+
+    def score(path):
+        sd = ckpt_factory.load_full_tensors(Path(path) / "weights")
+        return next(v for k, v in sd.items() if "word_embeddings" in k).double().mean().item()
+
+    res = sw.sweep(run, score, windows=[20], num_models=[3], methods=["sma"])
+    [t] = res.trials
+    assert t.iterations == [10, 20, 30] and t.error is None, t.error
+    assert res.last.iterations == [30]
+    inputs = [score(p) for p in t.inputs]
+    assert t.loss == pytest.approx(sum(inputs) / 3, rel=1e-6)
+    out = sw.publish_best(res, tmp_path / "best-step30")
+    assert (out.output / "weights" / "metadata.json").is_file()
+    assert score(out.output) == pytest.approx(t.loss, rel=1e-9)
