@@ -46,6 +46,12 @@ def test_toy_task_reward_is_verifiable():
     toy = _load("examples/grpo_lopti_toy.py", "grpo_lopti_toy2")
     assert [toy.VOCAB[i] for i in toy.encode_prompt(7, 35)] == ["<bos>", "0", "7", "+", "3", "5", "="]
     assert "".join(toy.VOCAB[i] for i in toy.answer_tokens(99, 99)) == "198"
+    hard = toy.Task(digits=3, extra_vocab=64)  # the harder variant: longer answers, larger vocabulary
+    assert len(hard.vocab) == 13 + 64 and (hard.prompt_len, hard.resp_len) == (9, 4)
+    assert "".join(hard.vocab[i] for i in hard.answer_tokens(999, 999)) == "1998"
+    pairs = hard.shuffled_pairs(limit=500)
+    assert len(set(pairs)) == 500 and all(0 <= a < 1000 and 0 <= b < 1000 for a, b in pairs)
+    assert toy.Task().shuffled_pairs()[:5] == toy.DEFAULT_TASK.shuffled_pairs()[:5] and len(toy.Task().shuffled_pairs()) == 10_000
 
 
 def test_benchmark_quick_runs(tmp_path):
