@@ -14,6 +14,8 @@ for several seeds (the SFT model of a seed is shared by its four variants).  Pri
 
     python examples/grpo_lopti_toy.py --quick            # 3 seeds x 4 variants x 30 steps: a few minutes
     python examples/grpo_lopti_toy.py                    # 5 seeds x 60 steps (~10-15 min on 2 cores)
+    python examples/grpo_lopti_toy.py --digits 3 --extra-vocab 64 --sft-target 0.15
+        # harder: 3-digit operands (4-token answers), 77-token vocabulary, lower starting pass rate
 
 All the RL pieces come from ``megatron_pma.rl`` (``clipped_policy_loss``, ``taken_token_logprobs``,
 ``run_lopti_stages``, ``LoptiConfig``).
@@ -29,6 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -39,23 +42,54 @@ from megatron_pma.rl import LoptiConfig, clipped_policy_loss, run_lopti_stages, 
 
 # ----------------------------------------------------------------------------------------- task
 DIGITS = "0123456789"
-VOCAB = list(DIGITS) + ["+", "=", "<bos>"]
-STOI = {c: i for i, c in enumerate(VOCAB)}
-BOS = STOI["<bos>"]
-PROMPT_LEN = 7  # <bos> a a + b b =
-RESP_LEN = 3  # c c c
 
 
-def encode_prompt(a: int, b: int) -> list[int]:
-    return [BOS] + [STOI[c] for c in f"{a:02d}+{b:02d}="]
+class Task(NamedTuple):
+    """``a + b`` with ``digits``-digit operands, the answer zero-padded to ``digits + 1`` tokens.
+    ``extra_vocab`` appends tokens that never occur in the data: a larger vocabulary, so sampling can
+    land on (and the update be dominated by) low-probability tokens."""
+
+    digits: int = 2
+    extra_vocab: int = 0
+
+    @property
+    def vocab(self) -> list[str]:
+        return list(DIGITS) + ["+", "=", "<bos>"] + [f"<x{i}>" for i in range(self.extra_vocab)]
+
+    @property
+    def stoi(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.vocab)}
+
+    @property
+    def prompt_len(self) -> int:  # <bos> a.. + b.. =
+        return 2 * self.digits + 3
+
+    @property
+    def resp_len(self) -> int:
+        return self.digits + 1
+
+    def encode_prompt(self, a: int, b: int) -> list[int]:
+        stoi, d = self.stoi, self.digits
+        return [stoi["<bos>"]] + [stoi[c] for c in f"{a:0{d}d}+{b:0{d}d}="]
+
+    def answer_tokens(self, a: int, b: int) -> list[int]:
+        return [self.stoi[c] for c in f"{a + b:0{self.resp_len}d}"]
+
+    def shuffled_pairs(self, limit: int = 40_000) -> list[tuple[int, int]]:
+        """Every operand pair shuffled (2 digits: all 10 000), or ``limit`` distinct ones (more digits)."""
+        n = 10**self.digits
+        rng = random.Random(1234)
+        if n * n <= limit:
+            pairs = [(a, b) for a in range(n) for b in range(n)]
+            rng.shuffle(pairs)
+            return pairs
+        return [(i // n, i % n) for i in rng.sample(range(n * n), limit)]
 
 
-def answer_tokens(a: int, b: int) -> list[int]:
-    return [STOI[c] for c in f"{a + b:03d}"]
-
-
-def all_pairs():
-    return [(a, b) for a in range(100) for b in range(100)]
+DEFAULT_TASK = Task()
+VOCAB = DEFAULT_TASK.vocab
+encode_prompt = DEFAULT_TASK.encode_prompt
+answer_tokens = DEFAULT_TASK.answer_tokens
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -79,8 +113,9 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    def __init__(self, vocab=len(VOCAB), d=64, n_layer=2, n_head=4, ctx=PROMPT_LEN + RESP_LEN):
+    def __init__(self, task: Task = DEFAULT_TASK, d=64, n_layer=2, n_head=4):
         super().__init__()
+        vocab, ctx = len(task.vocab), task.prompt_len + task.resp_len
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(ctx, d)
         self.blocks = nn.ModuleList([Block(d, n_head) for _ in range(n_layer)])
@@ -95,18 +130,18 @@ class TinyGPT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ utilities
-def batch_prompts(pairs):
-    return torch.tensor([encode_prompt(a, b) for a, b in pairs])
+def batch_prompts(task, pairs):
+    return torch.tensor([task.encode_prompt(a, b) for a, b in pairs])
 
 
-def batch_answers(pairs):
-    return torch.tensor([answer_tokens(a, b) for a, b in pairs])
+def batch_answers(task, pairs):
+    return torch.tensor([task.answer_tokens(a, b) for a, b in pairs])
 
 
 @torch.no_grad()
-def generate(model, prompts, *, greedy=False, temperature=1.0, gen=None):
+def generate(model, task, prompts, *, greedy=False, temperature=1.0, gen=None):
     seq = prompts
-    for _ in range(RESP_LEN):
+    for _ in range(task.resp_len):
         logits = model(seq)[:, -1].float()
         if greedy:
             nxt = logits.argmax(-1)
@@ -117,31 +152,31 @@ def generate(model, prompts, *, greedy=False, temperature=1.0, gen=None):
     return seq
 
 
-def response_logprobs(model, seq, temperature=1.0):
-    """Log-probs of the response tokens (positions PROMPT_LEN..end) under ``model``: [B, RESP_LEN]."""
-    logits = model(seq[:, :-1])[:, PROMPT_LEN - 1 :] / temperature
-    return taken_token_logprobs(logits, seq[:, PROMPT_LEN:])
+def response_logprobs(model, task, seq, temperature=1.0):
+    """Log-probs of the response tokens (positions prompt_len..end) under ``model``: [B, resp_len]."""
+    logits = model(seq[:, :-1])[:, task.prompt_len - 1 :] / temperature
+    return taken_token_logprobs(logits, seq[:, task.prompt_len :])
 
 
 @torch.no_grad()
-def pass_rate(model, pairs, bs=500):
+def pass_rate(model, task, pairs, bs=500):
     ok = 0
     for i in range(0, len(pairs), bs):
         chunk = pairs[i : i + bs]
-        out = generate(model, batch_prompts(chunk), greedy=True)
-        ok += (out[:, PROMPT_LEN:] == batch_answers(chunk)).all(-1).sum().item()
+        out = generate(model, task, batch_prompts(task, chunk), greedy=True)
+        ok += (out[:, task.prompt_len :] == batch_answers(task, chunk)).all(-1).sum().item()
     return ok / len(pairs)
 
 
 # ------------------------------------------------------------------------------------------ SFT
-def sft(model, pairs, steps, bs=128, lr=3e-3, seed=0):
+def sft(model, task, pairs, steps, bs=128, lr=3e-3, seed=0):
     g = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for step in range(steps):
         chunk = [pairs[g.randrange(len(pairs))] for _ in range(bs)]
-        seq = torch.cat([batch_prompts(chunk), batch_answers(chunk)], 1)
-        logits = model(seq[:, :-1])[:, PROMPT_LEN - 1 :]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, PROMPT_LEN:].reshape(-1))
+        seq = torch.cat([batch_prompts(task, chunk), batch_answers(task, chunk)], 1)
+        logits = model(seq[:, :-1])[:, task.prompt_len - 1 :]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, task.prompt_len :].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -149,7 +184,7 @@ def sft(model, pairs, steps, bs=128, lr=3e-3, seed=0):
 
 
 # ----------------------------------------------------------------------------------------- GRPO
-def grpo_run(init_model, train_pairs, test_pairs, cfg: LoptiConfig, args, seed):
+def grpo_run(init_model, task, train_pairs, test_pairs, cfg: LoptiConfig, args, seed):
     """One GRPO run; returns per-step train reward and periodic greedy test pass rates."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -166,19 +201,19 @@ def grpo_run(init_model, train_pairs, test_pairs, cfg: LoptiConfig, args, seed):
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             curve["eval_step"].append(step)
-            curve["test_pass"].append(pass_rate(model, test_pairs))
+            curve["test_pass"].append(pass_rate(model, task, test_pairs))
         if step == args.steps:
             break
         pairs = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(n_prompts)]
-        prompts = batch_prompts(pairs).repeat_interleave(g_size, 0)
-        answers = batch_answers(pairs).repeat_interleave(g_size, 0)
-        seq = generate(model, prompts, temperature=args.temperature, gen=gen)
-        reward = (seq[:, PROMPT_LEN:] == answers).all(-1).float()
+        prompts = batch_prompts(task, pairs).repeat_interleave(g_size, 0)
+        answers = batch_answers(task, pairs).repeat_interleave(g_size, 0)
+        seq = generate(model, task, prompts, temperature=args.temperature, gen=gen)
+        reward = (seq[:, task.prompt_len :] == answers).all(-1).float()
         r = reward.view(n_prompts, g_size)
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1)
         with torch.no_grad():
-            old = response_logprobs(model, seq, args.temperature)
-            ref_lp = response_logprobs(ref, seq, args.temperature)
+            old = response_logprobs(model, task, seq, args.temperature)
+            ref_lp = response_logprobs(ref, task, seq, args.temperature)
         mask = torch.ones_like(old)
         curve["step"].append(step)
         curve["train_reward"].append(reward.mean().item())
@@ -191,7 +226,7 @@ def grpo_run(init_model, train_pairs, test_pairs, cfg: LoptiConfig, args, seed):
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n, args.minibatch):
                 idx = perm[i : i + args.minibatch]
-                lp = response_logprobs(model, seq[idx], args.temperature)
+                lp = response_logprobs(model, task, seq[idx], args.temperature)
                 loss, _ = clipped_policy_loss(
                     lp,
                     old[idx],
@@ -246,6 +281,8 @@ def main(argv=None):
     ap.add_argument("--test-size", type=int, default=None, help="default 500 (300 with --quick)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
+    ap.add_argument("--digits", type=int, default=2, help="operand digits (answers have digits + 1 tokens)")
+    ap.add_argument("--extra-vocab", type=int, default=0, help="vocabulary tokens that never occur in the data")
     ap.add_argument("--out", default="toy_lopti_out")
     args = ap.parse_args(argv)
     q = args.quick
@@ -258,8 +295,8 @@ def main(argv=None):
     args.test_size = args.test_size or (300 if q else 500)
     torch.set_num_threads(args.threads)
 
-    pairs = all_pairs()
-    random.Random(1234).shuffle(pairs)
+    task = Task(args.digits, args.extra_vocab)
+    pairs = task.shuffled_pairs()
     test_pairs = pairs[: args.test_size]
     val_pairs = pairs[args.test_size : args.test_size + 200]
     train_pairs = pairs[args.test_size + 200 :]
@@ -274,18 +311,18 @@ def main(argv=None):
     sft_rates = []
     for seed in range(args.seeds):
         torch.manual_seed(1000 + seed)
-        model = TinyGPT()
+        model = TinyGPT(task)
         # SFT in chunks until the pass rate on a validation split (not the test set) reaches the target:
         # a fixed step count lands anywhere between 10% and 90% (addition is learnt abruptly).
         done = 0
         while True:
             n = min(args.sft_chunk, args.sft_steps - done)
-            sft(model, sft_pairs, n, seed=seed * 7919 + done)
+            sft(model, task, sft_pairs, n, seed=seed * 7919 + done)
             done += n
-            val_rate = pass_rate(model, val_pairs)
+            val_rate = pass_rate(model, task, val_pairs)
             if val_rate >= args.sft_target or done >= args.sft_steps:
                 break
-        rate = pass_rate(model, test_pairs)
+        rate = pass_rate(model, task, test_pairs)
         sft_rates.append(rate)
         print(
             f"[seed {seed}] SFT {done} steps: val pass {val_rate:.3f}, test pass {rate:.3f}  ({time.time() - t_start:.0f}s)",
@@ -294,7 +331,7 @@ def main(argv=None):
         for v in variants:
             kw = {k: getattr(args, val) for k, val in VARIANTS[v].items()}
             cfg = base_cfg.replace(**kw)
-            curve = grpo_run(model, train_pairs, test_pairs, cfg, args, seed=10_000 + seed)
+            curve = grpo_run(model, task, train_pairs, test_pairs, cfg, args, seed=10_000 + seed)
             results[v].append(curve)
             print(
                 f"[seed {seed}] {v:11s} test pass {curve['test_pass'][0]:.3f} -> {curve['test_pass'][-1]:.3f}  "

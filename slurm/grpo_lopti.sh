@@ -2,10 +2,15 @@
 # NeMo-RL GRPO with the Lopti-aware loss (Advantage Reweighting + Low-Probability Token Isolation),
 # multi-node, on a GPU cluster (megatron-pma). It cannot run on CPU-only machines.
 #
-#   NEMO_RL_DIR=/lustre/me/NeMo-RL CONTAINER_IMAGE=nvcr.io/nvidia/nemo-rl:v0.5.0 \
 #   CONTAINER_MOUNTS=/lustre:/lustre LOPTI_ETA=0.5 AR_ALPHA=0.3 \
 #   sbatch --nodes=2 --gpus-per-node=8 --partition=batch --account=myacct --time=04:00:00 slurm/grpo_lopti.sh \
 #          grpo.max_num_steps=500          # extra arguments: NeMo-RL config overrides
+#
+# By default it runs in NeMo-RL v0.7's container (nvcr.io/nvidia/nemo-rl:v0.7.0, NeMo-RL in /opt/nemo-rl);
+# this checkout must be inside CONTAINER_MOUNTS. The default driver (examples/rl/nemo_rl_grpo_lopti.py)
+# needs NeMo-RL v0.7. For v0.5/v0.6: CONTAINER_IMAGE=nvcr.io/nvidia/nemo-rl:v0.6.0 (or v0.5.0) and a
+# RUN_SCRIPT of your own: that release's GRPO example plus the two lines named in the default driver's
+# docstring, accepting the --config/--nemo-rl-root arguments this script passes.
 #
 # What it does: NeMo-RL runs on Ray, so the job first starts a Ray cluster over the allocation (the
 # head on the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`, one worker per other node,
@@ -16,8 +21,8 @@
 # At the end the Ray steps are stopped with SIGTERM.
 #
 # Knobs (environment variables; defaults in brackets):
-#   NEMO_RL_DIR       REQUIRED. A NeMo-RL checkout (github.com/NVIDIA-NeMo/RL) visible on every node (in
-#                     the container: mounted); the driver runs from there (its examples/, configs, uv env).
+#   NEMO_RL_DIR       NeMo-RL (github.com/NVIDIA-NeMo/RL) as every node sees it; the driver runs from there
+#                     (its examples/configs). [/opt/nemo-rl in a container; REQUIRED without one]
 #   RUN_SCRIPT        The GRPO driver [examples/rl/nemo_rl_grpo_lopti.py of this checkout]; it gets
 #                     --config CONFIG --nemo-rl-root NEMO_RL_DIR and the overrides.
 #   CONFIG            Overrides YAML merged over NeMo-RL's grpo_math_1B.yaml
@@ -30,12 +35,14 @@
 #                     sbatch --gpus-per-node].
 #   RESULTS_DIR       Logs and checkpoints (logger.log_dir, checkpointing.checkpoint_dir)
 #                     [$PWD/results/<job name>-<job id>].
-#   PYTHON            Driver interpreter [uv run python: NeMo-RL's own uv environment].
+#   PYTHON            Driver interpreter [python in a container (NeMo-RL's venv is on its PATH), else
+#                     uv run python: NeMo-RL's own uv environment].
 #   RAY               Ray CLI [ray]; e.g. "uv run ray" outside NeMo-RL's container.
 #   RAY_PORT          Ray head port [6379].
 #   RAY_WAIT_SECS     How long to wait for every node to join the Ray cluster [300].
 #   RAY_HEAD_WAIT_SECS  Pause between starting the head and the workers [10].
-#   CONTAINER_IMAGE   pyxis/enroot image (srun --container-image), e.g. the NeMo-RL container [empty].
+#   CONTAINER_IMAGE   pyxis/enroot image (srun --container-image) [nvcr.io/nvidia/nemo-rl:v0.7.0 where this
+#                     Slurm has pyxis, else none]; set it empty to run on the hosts.
 #   CONTAINER_MOUNTS  --container-mounts value; NEMO_RL_DIR, this checkout and RESULTS_DIR must be inside.
 #   CONTAINER_WORKDIR Working directory in the container [submit dir].
 #   VENV              Virtualenv activated on every node [none in a container, else $PMA_ROOT/.venv if it
@@ -65,6 +72,16 @@ PMA_SCRIPT_NAME=grpo_lopti.sh
 . "$PMA_SLURM_DIR/common.sh"
 
 # --- configuration and fail-fast checks --------------------------------------------------------------
+DEFAULT_CONTAINER_IMAGE=nvcr.io/nvidia/nemo-rl:v0.7.0
+if [ -z "${CONTAINER_IMAGE+set}" ]; then  # unset: NeMo-RL v0.7's container, where pyxis can run it
+    if srun --help 2>&1 | grep -q -- '--container-image'; then CONTAINER_IMAGE=$DEFAULT_CONTAINER_IMAGE; else CONTAINER_IMAGE=; fi
+fi
+if [ -n "$CONTAINER_IMAGE" ]; then
+    NEMO_RL_DIR=${NEMO_RL_DIR:-/opt/nemo-rl}
+    PMA_DEFAULT_PYTHON=python
+else
+    PMA_DEFAULT_PYTHON="uv run python"
+fi
 pma_require_var NEMO_RL_DIR "a NeMo-RL checkout (github.com/NVIDIA-NeMo/RL) that every node can read"
 pma_in_slurm_job
 
@@ -79,9 +96,8 @@ RAY=${RAY:-ray}
 RAY_PORT=${RAY_PORT:-6379}
 RAY_WAIT_SECS=${RAY_WAIT_SECS:-300}
 RAY_HEAD_WAIT_SECS=${RAY_HEAD_WAIT_SECS:-10}
-PMA_DEFAULT_PYTHON="uv run python"
 
-if [ -z "${CONTAINER_IMAGE:-}" ]; then
+if [ -z "$CONTAINER_IMAGE" ]; then
     pma_require_dir "$NEMO_RL_DIR" "NEMO_RL_DIR (NeMo-RL checkout)"
     pma_require_file "$RUN_SCRIPT" "RUN_SCRIPT (GRPO driver)"
     pma_require_file "$CONFIG" "CONFIG (NeMo-RL GRPO config)"
@@ -106,7 +122,7 @@ DRIVER_ARGV=("$RUN_SCRIPT" --config "$CONFIG" --nemo-rl-root "$NEMO_RL_DIR" "clu
              "logger.log_dir=$RESULTS_DIR/logs" "checkpointing.checkpoint_dir=$RESULTS_DIR/checkpoints"
              "${LOPTI_OVR[@]}" "${OVR[@]}")
 
-pma_log "job $SLURM_JOB_ID: $NNODES node(s) x $GPUS_PER_NODE GPU(s); Ray head $HEAD ($RAY_ADDRESS)"
+pma_log "job $SLURM_JOB_ID: $NNODES node(s) x $GPUS_PER_NODE GPU(s); Ray head $HEAD ($RAY_ADDRESS); container: ${CONTAINER_IMAGE:-none}"
 pma_log "driver: $PYTHON ${DRIVER_ARGV[*]}"
 
 # --- Ray cluster: head on the first node, one worker per other node ------------------------------------

@@ -2,8 +2,10 @@
 
 * :mod:`megatron_pma.rl.core` — pure torch: :func:`reweight_advantages`, :func:`lopti_masks`,
   :func:`clipped_policy_loss`, :func:`taken_token_logprobs`, :func:`run_lopti_stages`, :class:`LoptiConfig`.
-* :mod:`megatron_pma.rl.nemo_rl` — ``LoptiClippedPGLossFn`` and ``LoptiPolicy`` for NeMo-RL.
-* :mod:`megatron_pma.rl.verl` — registered verl policy losses and a two-stage update helper.
+* :mod:`megatron_pma.rl.nemo_rl` — ``LoptiClippedPGLossFn`` (wraps the installed NeMo-RL's own
+  ``ClippedPGLossFn``, v0.5-v0.7) and ``LoptiPolicy`` for NeMo-RL.
+* :mod:`megatron_pma.rl.verl` — AR loss modes around verl's own losses, Lopti in verl's V1 and legacy
+  trainers; :mod:`megatron_pma.rl.verl_config` — verl's typed policy-loss config with ``ar_alpha``.
 * :mod:`megatron_pma.rl.nemo_aligner` — a PPO actor loss for NeMo-Aligner 0.7.0.
 * :mod:`megatron_pma.rl.diagnostics` — per-token gradient norms vs. probability.
 
@@ -31,6 +33,7 @@ _LAZY = {
     "register_verl_policy_losses": "megatron_pma.rl.verl",
     "lopti_two_stage_update": "megatron_pma.rl.verl",
     "lopti_trainer_class": "megatron_pma.rl.verl",
+    "lopti_update_actor_v1": "megatron_pma.rl.verl",
     # NeMo-Aligner
     "aligner_actor_loss": "megatron_pma.rl.nemo_aligner",
     "lopti_stage_rollout_data": "megatron_pma.rl.nemo_aligner",

@@ -24,7 +24,7 @@ import torch
 
 from megatron_pma.rl.core import lopti_masks, pg_token_losses, reweight_advantages
 
-__all__ = ["aligner_actor_loss", "lopti_stage_rollout_data", "STAGE_MASK_KEY"]
+__all__ = ["aligner_actor_loss", "lopti_entropy_weighting", "lopti_stage_rollout_data", "STAGE_MASK_KEY"]
 
 #: Key of the Lopti stage mask in the PPO rollout / micro-batch dict (``[B, S-1]``, like ``mask``).
 STAGE_MASK_KEY = "lopti_stage_mask"
@@ -69,6 +69,22 @@ def aligner_actor_loss(
         ppo_ratio = ratios.detach()[mbool].mean()
         ppo_ratio_clamped = ratios.detach().clamp(1 - ratio_eps, 1 + eps_high)[mbool].mean()
     return loss, ppo_ratio, ppo_ratio_clamped
+
+
+def lopti_entropy_weighting(batch: Mapping[str, Any], is_end_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``(mask, scale)`` for NeMo-Aligner's entropy bonus under a Lopti stage: its
+    ``calculate_distributed_entropy(logits, mask)`` is a mean over ``mask``; times ``scale`` it becomes
+    the sum over the stage's tokens divided by the full ``is_end_mask`` count (the official AR-Lopti
+    code: terms masked by group, normalised over the full mask), so the two stages' bonuses add up to
+    the one-stage bonus.  No stage: ``(is_end_mask, 1.0)``; an empty stage: scale 0 (no bonus)."""
+    stage = batch.get(STAGE_MASK_KEY) if hasattr(batch, "get") else None
+    if stage is None:
+        return is_end_mask, 1.0
+    mask = is_end_mask * stage.to(is_end_mask.dtype)
+    n_stage = mask.sum()
+    if n_stage == 0:
+        return is_end_mask, 0.0
+    return mask, n_stage / is_end_mask.sum()
 
 
 def lopti_stage_rollout_data(

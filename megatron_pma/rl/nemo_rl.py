@@ -1,315 +1,202 @@
-"""NeMo-RL adapter: an AR/Lopti-aware clipped policy-gradient loss and a two-stage policy wrapper.
+"""NeMo-RL adapter: AR and Lopti around NeMo-RL's OWN clipped policy-gradient loss.
 
 Method: Yang et al., "Do Not Let Low-Probability Tokens Over-Dominate in RL for LLMs",
-arXiv:2505.12929.  Framework: NVIDIA NeMo-RL (github.com/NVIDIA-NeMo/RL); this module follows the
-loss-function protocol of its ``nemo_rl.algorithms`` package but contains no NeMo-RL code, and
-imports NeMo-RL only opportunistically (to reuse its ``LossType`` / ``LossInputType`` enums when it is
-installed).
+arXiv:2505.12929.  Framework: NVIDIA NeMo-RL (github.com/NVIDIA-NeMo/RL), v0.5.0 to v0.7.0.
 
-* :class:`LoptiClippedPGLossFn` — a drop-in for NeMo-RL's ``ClippedPGLossFn``.  Same config keys
-  (``ratio_clip_min``, ``ratio_clip_max``, ``ratio_clip_c``, ``reference_policy_kl_penalty``,
-  ``reference_policy_kl_type``, ``kl_input_clamp_value``, ``kl_output_clamp_value``,
-  ``token_level_loss``, ``use_on_policy_kl_approximation``, ``use_importance_sampling_correction``,
-  ``truncated_importance_sampling_ratio``, ``disable_ppo_ratio``, ``force_on_policy_ratio``) plus
-  ``advantage_reweight_alpha`` (AR, 0 = off) and ``lopti_eta`` (read by :class:`LoptiPolicy`;
-  ``None`` = off).  With both off its loss is NeMo-RL's clipped PG loss.  It accepts both call styles:
+* :class:`LoptiClippedPGLossFn` builds the installed NeMo-RL's ``ClippedPGLossFn`` and only transforms
+  its inputs, so the loss, its gradient and every metric are NeMo-RL's on every release:
 
-  - up to v0.5: ``loss_fn(next_token_logits, data, global_valid_seqs, global_valid_toks,
-    vocab_parallel_rank=None, vocab_parallel_group=None, context_parallel_group=None)``;
-  - from v0.6 (``input_type = LOGPROB``): ``loss_fn(data=..., global_valid_seqs=...,
-    global_valid_toks=..., next_token_logprobs=...)`` (or positionally with a ``[B, S-1]`` tensor).
+  - AR: ``advantages *= alpha * exp(pi_old_logprobs) + 1 - alpha`` per token, with ``pi_old`` the
+    training policy's log-probs before the update (``prev_logprobs``; ``generation_logprobs`` under
+    ``force_on_policy_ratio``, where v0.7 leaves ``prev_logprobs`` a zero placeholder);
+  - Lopti stage: ``token_mask *= data[STAGE_MASK_KEY]``.  The global normalisers
+    (``global_valid_toks`` / ``global_valid_seqs``) are computed by NeMo-RL's workers from the
+    untouched ``token_mask`` of the full batch, so each stage is its group's share of the one-stage
+    loss, KL term included (the official AR-Lopti code's behaviour).
 
-* :class:`LoptiPolicy` — wraps a NeMo-RL policy; its ``train(data, loss_fn, ...)`` runs the update
-  twice per rollout batch (low-probability tokens, then high-probability tokens, groups from
-  ``data["prev_logprobs"]``), carrying the stage in ``data[STAGE_MASK_KEY]``.  ``token_mask`` is never
-  modified, so NeMo-RL's ``global_valid_toks`` normaliser stays the full response mask.
+  Its own metrics are added under ``lopti/``, normalised like NeMo-RL's (per micro-batch, divided by
+  the global token count, so GRPO's sum over micro-batches gives the batch value).
+* :class:`LoptiPolicy` wraps a NeMo-RL ``Policy``: ``train(data, loss_fn)`` runs the update twice
+  (low-probability tokens, then the rest), carrying the stage in ``data[STAGE_MASK_KEY]``.
+
+Both call styles are supported because the wrapper binds whatever it is called with to the wrapped
+``ClippedPGLossFn.__call__`` signature: v0.5's ``loss_fn(next_token_logits, data, global_valid_seqs,
+global_valid_toks, vocab_parallel_rank=..., ...)`` and v0.6+'s ``loss_fn(data=..., global_valid_seqs=...,
+global_valid_toks=..., next_token_logprobs=...)``.  Attributes NeMo-RL reads from a loss
+(``loss_type``, ``input_type``, ``reference_policy_kl_penalty``, ...) are the wrapped loss's.
 """
 
 from __future__ import annotations
 
 import copy
-import enum
+import importlib
+import inspect
 from typing import Any, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 
-from megatron_pma.rl.core import lopti_masks, pg_token_losses, reweight_advantages, taken_token_logprobs
+from megatron_pma.rl.core import lopti_masks, reweight_advantages
 
-__all__ = ["LoptiClippedPGLossFn", "LoptiPolicy", "STAGE_MASK_KEY", "LossType", "LossInputType"]
+__all__ = ["LoptiClippedPGLossFn", "LoptiPolicy", "STAGE_MASK_KEY", "AR_ALPHA_KEY", "LOPTI_ETA_KEY"]
 
-#: Key of the Lopti stage mask in NeMo-RL's ``BatchedDataDict`` (same layout as ``token_mask``:
-#: ``[B, S]``, unshifted; the loss shifts it by one like every per-token field).
+#: Key of the Lopti stage mask in NeMo-RL's ``BatchedDataDict`` (``[B, S]``, aligned with
+#: ``token_mask``; NeMo-RL's sharding, micro-batching and sequence packing slice it like any per-token field).
 STAGE_MASK_KEY = "lopti_stage_mask"
+#: Our keys in NeMo-RL's ``loss_fn`` config section (v0.7's pydantic ``ClippedPGLossConfig`` allows extras).
+AR_ALPHA_KEY = "advantage_reweight_alpha"
+LOPTI_ETA_KEY = "lopti_eta"
+_OUR_KEYS = (AR_ALPHA_KEY, LOPTI_ETA_KEY)
+#: Prefix of the metrics this adapter adds to NeMo-RL's.
+METRIC_PREFIX = "lopti/"
 
 
-def _nemo_rl_enums():
-    for mod in ("nemo_rl.algorithms.loss.interfaces", "nemo_rl.algorithms.interfaces"):
-        try:
-            m = __import__(mod, fromlist=["LossType"])
-        except Exception:  # noqa: BLE001 - NeMo-RL absent or broken: fall back to local enums
-            continue
-        return getattr(m, "LossType", None), getattr(m, "LossInputType", None)
-    return None, None
+def _nemo_rl_loss_module():
+    """The module holding the installed NeMo-RL's ``ClippedPGLossFn`` (v0.6+: ``algorithms.loss``;
+    v0.5: ``algorithms.loss_functions``)."""
+    try:
+        return importlib.import_module("nemo_rl.algorithms.loss")
+    except ModuleNotFoundError as err:
+        if err.name == "nemo_rl":
+            raise ImportError(
+                "LoptiClippedPGLossFn wraps NeMo-RL's ClippedPGLossFn: run it where NeMo-RL v0.5-v0.7 is installed "
+                "(e.g. the nvcr.io/nvidia/nemo-rl container)"
+            ) from err
+        if err.name != "nemo_rl.algorithms.loss":
+            raise
+    return importlib.import_module("nemo_rl.algorithms.loss_functions")
 
 
-_NRL_LOSS_TYPE, _NRL_INPUT_TYPE = _nemo_rl_enums()
-
-if _NRL_LOSS_TYPE is not None:
-    LossType = _NRL_LOSS_TYPE
-else:
-
-    class LossType(enum.Enum):  # type: ignore[no-redef]
-        """Stand-in with NeMo-RL's values, used when NeMo-RL is not installed."""
-
-        TOKEN_LEVEL = "token_level"
-        SEQUENCE_LEVEL = "sequence_level"
-
-
-if _NRL_INPUT_TYPE is not None:
-    LossInputType = _NRL_INPUT_TYPE
-else:
-
-    class LossInputType(enum.Enum):  # type: ignore[no-redef]
-        LOGIT = "logit"
-        LOGPROB = "logprob"
+def _split_config(cfg: Any, config_cls: Any) -> tuple[Any, Any, Any]:
+    """``(NeMo-RL config without our keys, alpha, eta)`` from a dict or a pydantic ``ClippedPGLossConfig``."""
+    is_pydantic_cls = hasattr(config_cls, "model_validate")
+    if hasattr(cfg, "model_dump"):  # v0.7 pydantic model; our keys are its extras
+        extra = dict(cfg.model_extra or {})
+        rest = {k: v for k, v in cfg.model_dump().items() if k not in _OUR_KEYS}
+        inner = type(cfg).model_validate(rest)
+        return inner, extra.get(AR_ALPHA_KEY), extra.get(LOPTI_ETA_KEY)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"loss config must be a mapping or NeMo-RL's ClippedPGLossConfig, got {type(cfg).__name__}")
+    rest = {k: v for k, v in cfg.items() if k not in _OUR_KEYS}
+    inner = config_cls.model_validate(rest) if is_pydantic_cls else rest
+    return inner, cfg.get(AR_ALPHA_KEY), cfg.get(LOPTI_ETA_KEY)
 
 
-def _masked_mean(values, mask, dim=None, normalizer=None):
-    """NeMo-RL's reduction convention: ``sum(values * mask) / (normaliser + 1e-8)``, the normaliser
-    being ``sum(mask)`` unless a global one is given."""
-    norm = mask.sum(dim=dim) if normalizer is None else normalizer
-    return (values * mask).sum(dim=dim) / (norm + 1e-8)
-
-
-def _kl(logprobs, ref, kl_type, in_clamp, out_clamp):
-    log_r = ref - logprobs
-    if in_clamp is not None:
-        log_r = log_r.clamp(min=-in_clamp, max=in_clamp)
-    if kl_type == "k1":
-        kl = -log_r
-    elif kl_type == "k2":
-        kl = log_r.square() / 2
-    elif kl_type == "k3":
-        kl = log_r.exp() - 1 - log_r
-    else:
-        raise ValueError(f"unknown reference_policy_kl_type {kl_type!r} (k1, k2 or k3)")
-    if out_clamp is not None:
-        kl = kl.clamp(min=-out_clamp, max=out_clamp)
-    return kl
+def _lopti_conflicts(loss) -> list[str]:
+    """NeMo-RL options whose normaliser is not the full batch's, so a Lopti stage (a restricted
+    ``token_mask``) would change them, or that forbid a second update per rollout."""
+    out = []
+    if loss.loss_type.value != "token_level":
+        out.append(
+            "token_level_loss: false (the per-sequence mean divides by each sequence's own tokens, "
+            "which a stage would change; this includes GSPO's sequence_level_importance_ratios)"
+        )
+    if getattr(loss, "force_on_policy_ratio", False):
+        out.append("force_on_policy_ratio: true (needs exactly one update per rollout; Lopti makes two)")
+    if (
+        getattr(loss, "truncated_importance_sampling_ratio", None) is not None
+        and getattr(loss, "truncated_importance_sampling_type", None) == "seq-mask-tis"
+    ):
+        out.append("truncated_importance_sampling_type: seq-mask-tis (a per-sequence mean over token_mask)")
+    if getattr(loss, "positive_example_nll_weight", 0) > 0:
+        out.append("positive_example_nll_weight > 0 (normalised by the micro-batch's own correct tokens)")
+    return out
 
 
 class LoptiClippedPGLossFn:
-    """NeMo-RL clipped PG loss with Advantage Reweighting and Lopti stage masking (arXiv:2505.12929).
+    """NeMo-RL's ``ClippedPGLossFn`` with Advantage Reweighting and a Lopti stage mask (arXiv:2505.12929).
 
-    Per token (after the one-position shift NeMo-RL applies to every per-token field)::
-
-        A'   = (alpha * exp(prev_logprobs) + 1 - alpha) * A            (AR; alpha = 0: A' = A)
-        r    = exp(curr_logprobs - prev_logprobs)
-        pg   = max(-A' r, -A' clip(r, 1 - ratio_clip_min, 1 + ratio_clip_max))
-        pg   = min(pg, -ratio_clip_c A')   where A' < 0                  (dual clip, if set)
-        pg  *= exp(prev_logprobs - generation_logprobs)                  (if use_importance_sampling_correction)
-        kl   = beta * w * KL_k(curr, reference)                          (w = exp(curr - gen) if on-policy approx.)
-        loss = sum((pg + kl) * mask * stage) / global_valid_toks          (token level)
-
-    where ``mask = token_mask * sample_mask`` and ``stage = data[STAGE_MASK_KEY]`` (all ones without
-    Lopti): the normaliser is the whole response mask in both Lopti stages, as the paper prescribes.
-    AR's ``pi_old`` is ``exp(prev_logprobs)``: the training policy's log-probs computed by GRPO before the
-    update (fixed for the whole update, so applying AR inside the loss equals applying it once per batch).
-    Sequence level: per-sequence mean over ``token_mask``, then sum over samples / ``global_valid_seqs``.
+    ``cfg`` is NeMo-RL's own ``loss_fn`` config (a dict on v0.5/v0.6; a ``ClippedPGLossConfig`` or a dict
+    on v0.7) with two extra keys: ``advantage_reweight_alpha`` (AR strength in [0, 1]; 0 or absent = off)
+    and ``lopti_eta`` (Lopti threshold in (0, 1]; ``None`` or absent = off).  The keyword arguments of the
+    same names override the config.  With both off it IS NeMo-RL's loss (same object, same inputs).
     """
 
     stage_mask_key = STAGE_MASK_KEY
-    input_type = LossInputType.LOGPROB
 
-    def __init__(self, cfg: Mapping[str, Any]):
-        self.ratio_clip_min = float(cfg["ratio_clip_min"])
-        self.ratio_clip_max = float(cfg["ratio_clip_max"])
-        c = cfg.get("ratio_clip_c")
-        if c is not None and c <= 0:  # some NeMo-RL versions use a non-positive value for "off"
-            c = None
-        if c is not None and not c > 1:
-            raise ValueError(f"ratio_clip_c must be > 1 (or None to disable), got {c}")
-        self.ratio_clip_c = c
-        self.reference_policy_kl_penalty = float(cfg.get("reference_policy_kl_penalty", 0.0))
-        self.reference_policy_kl_type = cfg.get("reference_policy_kl_type", "k3")
-        self.kl_input_clamp_value = cfg.get("kl_input_clamp_value", None)
-        self.kl_output_clamp_value = cfg.get("kl_output_clamp_value", None)
-        self.use_on_policy_kl_approximation = bool(cfg.get("use_on_policy_kl_approximation", False))
-        self.use_importance_sampling_correction = bool(cfg.get("use_importance_sampling_correction", False))
-        self.truncated_importance_sampling_ratio = cfg.get("truncated_importance_sampling_ratio", None)
-        tis_type = cfg.get("truncated_importance_sampling_type", None) or "tis"
-        if self.truncated_importance_sampling_ratio is not None:
-            if not self.use_importance_sampling_correction:
-                raise ValueError("truncated_importance_sampling_ratio needs use_importance_sampling_correction")
-            if tis_type != "tis":
-                raise NotImplementedError(f"truncated_importance_sampling_type={tis_type!r}: only 'tis' is supported")
-        self.disable_ppo_ratio = bool(cfg.get("disable_ppo_ratio", False))
-        self.force_on_policy_ratio = bool(cfg.get("force_on_policy_ratio", False))
-        if cfg.get("sequence_level_importance_ratios", False):
-            raise NotImplementedError("sequence_level_importance_ratios (GSPO) is not supported with AR/Lopti")
-        if cfg.get("use_cispo", False):
-            raise NotImplementedError("use_cispo is not supported with AR/Lopti")
-        self.token_level_loss = bool(cfg.get("token_level_loss", True))
-        self.loss_type = LossType.TOKEN_LEVEL if self.token_level_loss else LossType.SEQUENCE_LEVEL
-        self.advantage_reweight_alpha = float(cfg.get("advantage_reweight_alpha", 0.0) or 0.0)
-        if not 0.0 <= self.advantage_reweight_alpha <= 1.0:
-            raise ValueError("advantage_reweight_alpha must be in [0, 1]")
-        eta = cfg.get("lopti_eta", None)
+    def __init__(self, cfg: Any, *, advantage_reweight_alpha: Optional[float] = None, lopti_eta: Optional[float] = None):
+        module = _nemo_rl_loss_module()
+        inner_cfg, alpha, eta = _split_config(cfg, module.ClippedPGLossConfig)
+        alpha = advantage_reweight_alpha if advantage_reweight_alpha is not None else alpha
+        eta = lopti_eta if lopti_eta is not None else eta
+        alpha = float(alpha or 0.0)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"{AR_ALPHA_KEY} must be in [0, 1], got {alpha}")
         if eta is not None and not 0.0 < float(eta) <= 1.0:
-            raise ValueError("lopti_eta must be in (0, 1] or None")
+            raise ValueError(f"{LOPTI_ETA_KEY} must be in (0, 1] or None, got {eta}")
+        self.advantage_reweight_alpha = alpha
         self.lopti_eta = None if eta is None else float(eta)
+        self.loss = module.ClippedPGLossFn(inner_cfg)
+        if self.lopti_eta is not None:
+            conflicts = _lopti_conflicts(self.loss)
+            if conflicts:
+                raise ValueError(f"{LOPTI_ETA_KEY} is set but Lopti cannot combine with: " + "; ".join(conflicts))
+        self._signature = inspect.signature(self.loss.__call__)
+        # pi_old for AR: v0.7 fills prev_logprobs with zeros under force_on_policy_ratio.
+        self.pi_old_key = "generation_logprobs" if getattr(self.loss, "force_on_policy_ratio", False) else "prev_logprobs"
 
-    # ------------------------------------------------------------------ log-probs
-    @staticmethod
-    def _logprobs_from_logits(logits, data, vocab_parallel_rank, vocab_parallel_group, context_parallel_group):
-        if context_parallel_group is not None and dist.is_initialized() and dist.get_world_size(context_parallel_group) > 1:
-            raise NotImplementedError(
-                "context parallelism: use NeMo-RL >= 0.6, which hands the loss prepared log-probs (input_type=LOGPROB)"
-            )
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - old torch
-            DTensor = None
-        if DTensor is not None and isinstance(logits, DTensor):
-            raise NotImplementedError("DTensor logits: use NeMo-RL >= 0.6 (input_type=LOGPROB)")
-        logits = logits.to(torch.float32)
-        input_ids = data["input_ids"]
-        seq = input_ids.shape[1]
-        targets = input_ids[:, 1:].to(logits.device)
-        if vocab_parallel_group is not None:
-            if vocab_parallel_rank is None:
-                raise ValueError("vocab_parallel_rank must be given with vocab_parallel_group")
-            start = vocab_parallel_rank * logits.shape[-1]
-            return taken_token_logprobs(logits[:, : seq - 1], targets, vocab_parallel_group, vocab_start=start)
-        return taken_token_logprobs(logits[:, : seq - 1], targets)
+    def __getattr__(self, name: str) -> Any:
+        # NeMo-RL reads loss_type, input_type, reference_policy_kl_penalty, ... from its loss.
+        if name.startswith("__") or name in ("loss", "_signature"):
+            raise AttributeError(name)
+        return getattr(self.loss, name)
 
-    # ------------------------------------------------------------------ call
-    def __call__(
-        self,
-        next_token_logits: Optional[torch.Tensor] = None,
-        data: Any = None,
-        global_valid_seqs: Optional[torch.Tensor] = None,
-        global_valid_toks: Optional[torch.Tensor] = None,
-        vocab_parallel_rank: Optional[int] = None,
-        vocab_parallel_group: Optional["dist.ProcessGroup"] = None,
-        context_parallel_group: Optional["dist.ProcessGroup"] = None,
-        *,
-        next_token_logprobs: Optional[torch.Tensor] = None,
-        logits: Optional[torch.Tensor] = None,
-        **_unused: Any,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        if data is None:
-            raise TypeError("data is required")
-        if logits is not None and next_token_logits is None:
-            next_token_logits = logits
-        if next_token_logprobs is None and next_token_logits is not None and next_token_logits.dim() == 2:
-            next_token_logprobs, next_token_logits = next_token_logits, None  # v0.6 positional style
-        if next_token_logprobs is not None:
-            curr = next_token_logprobs
-        elif next_token_logits is not None:
-            curr = self._logprobs_from_logits(
-                next_token_logits, data, vocab_parallel_rank, vocab_parallel_group, context_parallel_group
-            )
-        else:
-            raise TypeError("pass next_token_logits (v0.5) or next_token_logprobs (v0.6)")
-        return self.loss_from_logprobs(curr, data, global_valid_seqs, global_valid_toks)
-
-    def loss_from_logprobs(self, curr, data, global_valid_seqs, global_valid_toks):
-        """The loss given ``curr`` ``[B, S-1]`` log-probs of ``input_ids[:, 1:]``."""
-        token_mask = data["token_mask"][:, 1:]
-        sample_mask = data["sample_mask"]
-        mask = token_mask * sample_mask.unsqueeze(-1)
-        prev = data["prev_logprobs"][:, 1:]
-        gen = data["generation_logprobs"][:, 1:] if "generation_logprobs" in data else prev
-        adv = data["advantages"][:, 1:]
-        if self.advantage_reweight_alpha > 0:
-            adv = reweight_advantages(adv, prev, self.advantage_reweight_alpha)
-        stage = data[STAGE_MASK_KEY][:, 1:].to(mask.dtype) if STAGE_MASK_KEY in data else None
-        num_mask = mask if stage is None else mask * stage
-        num_token_mask = token_mask if stage is None else token_mask * stage
-
-        def reduce(values):
-            if self.token_level_loss:
-                return _masked_mean(values, num_mask, normalizer=global_valid_toks)
-            per_seq = (values * num_token_mask).sum(-1) / (token_mask.sum(-1) + 1e-8)
-            return _masked_mean(per_seq, sample_mask, normalizer=global_valid_seqs)
-
-        # KL to the reference policy
-        if self.reference_policy_kl_penalty != 0:
-            ref = data["reference_policy_logprobs"][:, 1:]
-            if self.use_on_policy_kl_approximation:
-                w = torch.nan_to_num((curr - gen).exp().detach(), nan=0.0, posinf=0.0, neginf=0.0)
-            else:
-                w = torch.ones_like(curr)
-            kl_tok = w * self.reference_policy_kl_penalty * _kl(
-                curr, ref, self.reference_policy_kl_type, self.kl_input_clamp_value, self.kl_output_clamp_value
-            )
-            kl = reduce(kl_tok)
-        else:
-            kl = torch.zeros((), dtype=curr.dtype, device=curr.device)
-
-        # clipped surrogate
-        if self.force_on_policy_ratio:
-            ratio = (curr - curr.detach()).exp()  # 1 in value, gradient of curr
-            pg = -adv * ratio
-            clipped = torch.zeros_like(mask, dtype=torch.bool)
-            ratio_clamped = ratio
-            if self.ratio_clip_c is not None:
-                pg = torch.where(adv < 0, torch.minimum(pg, -adv * self.ratio_clip_c), pg)
-        elif self.disable_ppo_ratio:
-            ratio = ratio_clamped = curr
-            pg = -adv * curr
-            clipped = torch.zeros_like(mask, dtype=torch.bool)
-            if self.ratio_clip_c is not None:
-                pg = torch.where(adv < 0, torch.minimum(pg, -adv * self.ratio_clip_c), pg)
-        else:
-            pg, ratio, clipped, _ = pg_token_losses(
-                curr - prev, adv, self.ratio_clip_min, self.ratio_clip_max, self.ratio_clip_c
-            )
-            ratio_clamped = ratio.clamp(1 - self.ratio_clip_min, 1 + self.ratio_clip_max)
-
-        is_w = torch.nan_to_num((prev - gen).exp(), nan=0.0, posinf=0.0, neginf=0.0)
-        if self.truncated_importance_sampling_ratio is not None:
-            is_w = is_w.clamp(max=self.truncated_importance_sampling_ratio)
-        if self.use_importance_sampling_correction:
-            pg = is_w * pg
-        actor_loss = reduce(pg)
-        loss = actor_loss + kl
-
-        with torch.no_grad():
-            m = num_mask
-            vm = m.bool()
-            metrics = {
-                "loss": loss.item(),
-                "actor_loss": actor_loss.item(),
-                "kl_penalty": (kl.item() / self.reference_policy_kl_penalty) if self.reference_policy_kl_penalty else 0.0,
-                "probs_ratio": _masked_mean(ratio.detach(), m, normalizer=global_valid_toks).item(),
-                "probs_ratio_clamped": _masked_mean(ratio_clamped.detach(), m, normalizer=global_valid_toks).item(),
-                "probs_ratio_min": ratio.detach()[vm].min().item() if vm.any() else float("inf"),
-                "probs_ratio_max": ratio.detach()[vm].max().item() if vm.any() else float("-inf"),
-                "clip_fraction": _masked_mean(clipped.to(m.dtype), m, normalizer=global_valid_toks).item(),
-                "sampling_importance_ratio": _masked_mean(is_w, mask, normalizer=global_valid_toks).item(),
-                "num_valid_samples": sample_mask.sum().item(),
-                "lopti_stage_tokens": m.sum().item(),
-            }
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        bound = self._signature.bind(*args, **kwargs)
+        data = bound.arguments["data"]
+        gvt = bound.arguments.get("global_valid_toks")
+        bound.arguments["data"], ours = self.prepare_data(data, gvt)
+        loss, metrics = self.loss(*bound.args, **bound.kwargs)
+        metrics.update(ours)
         return loss, metrics
+
+    def prepare_data(self, data: Any, global_valid_toks: Optional[torch.Tensor] = None) -> tuple[Any, dict[str, float]]:
+        """The data NeMo-RL's loss sees (AR-reweighted advantages, stage-restricted ``token_mask``; the
+        input is not modified) and our ``lopti/`` metrics."""
+        stage = data.get(STAGE_MASK_KEY)
+        if stage is None and self.advantage_reweight_alpha == 0:
+            return data, {}
+        if stage is not None and self.lopti_eta is None:
+            raise ValueError(f"data carries {STAGE_MASK_KEY!r} (LoptiPolicy) but the loss was built without {LOPTI_ETA_KEY}")
+        out = copy.copy(data)  # shallow: BatchedDataDict / dict; tensors shared, never written in place
+        token_mask = data["token_mask"]
+        if stage is not None:
+            del out[STAGE_MASK_KEY]
+            token_mask = token_mask * stage.to(token_mask.dtype)
+            out["token_mask"] = token_mask
+        metrics: dict[str, float] = {}
+        with torch.no_grad():
+            mask = (token_mask[:, 1:] * data["sample_mask"].unsqueeze(-1)).to(torch.float32)
+            norm = mask.sum() if global_valid_toks is None else global_valid_toks
+            if stage is not None:
+                metrics[METRIC_PREFIX + "stage_token_frac"] = (mask.sum() / (norm + 1e-8)).item()
+        if self.advantage_reweight_alpha > 0:
+            advantages = data["advantages"]
+            pi_old_logprobs = data[self.pi_old_key]
+            out["advantages"] = reweight_advantages(advantages, pi_old_logprobs, self.advantage_reweight_alpha)
+            with torch.no_grad():
+                weight = pi_old_logprobs[:, 1:].to(torch.float32).exp() * self.advantage_reweight_alpha
+                weight = weight + (1.0 - self.advantage_reweight_alpha)
+                metrics[METRIC_PREFIX + "ar_weight_mean"] = ((weight * mask).sum() / (norm + 1e-8)).item()
+        return out, metrics
 
 
 class LoptiPolicy:
     """Lopti at NeMo-RL's ``policy.train`` level (arXiv:2505.12929, Sec. 4.2).
 
     ``LoptiPolicy(policy, eta).train(data, loss_fn, ...)`` calls ``policy.train`` twice with the same
-    ``data`` (same ``prev_logprobs``; they are not recomputed in between) plus ``data[STAGE_MASK_KEY]``:
-    first the tokens with ``exp(prev_logprobs) < eta``, then the rest (``low_first=False`` reverses the
-    order, for ablations only).  Each call runs NeMo-RL's full mini-batch loop, so a rollout batch gets
-    twice the optimizer steps.  ``token_mask`` is untouched.  The loss must honour the stage mask
-    (:class:`LoptiClippedPGLossFn` does).  With ``eta=None`` it is a transparent pass-through.  Every
-    other attribute is forwarded to the wrapped policy.
+    ``data`` (same ``prev_logprobs``, not recomputed in between) plus ``data[STAGE_MASK_KEY]``: first the
+    tokens with ``exp(prev_logprobs) < eta``, then the rest (``low_first=False`` reverses the order, for
+    ablations only).  Each call runs NeMo-RL's full mini-batch loop, so a rollout batch gets twice the
+    optimizer steps.  ``token_mask`` is untouched, so NeMo-RL's workers keep the full batch's
+    normalisers.  ``loss_fn`` must be a :class:`LoptiClippedPGLossFn` built with the same ``lopti_eta``.
+    With ``eta=None`` it is a transparent pass-through; every other attribute is the wrapped policy's.
 
-    The returned dict is the last stage's result with ``loss`` summed over the stages (each stage's loss
-    is its group's share of the full-mask-normalised loss), ``all_mb_metrics`` concatenated, and the
-    per-stage results under ``"lopti_stages"``.
+    Result: the last stage's dict with ``loss`` summed over the stages (per global batch: each stage's
+    loss is its group's share of the one-stage loss), ``grad_norm`` of every optimizer step of both
+    stages, ``all_mb_metrics`` of both stages concatenated (GRPO sums most of them over micro-batches,
+    which gives NeMo-RL's whole-batch value; counts such as ``num_valid_samples`` count each stage),
+    our ``lopti/`` metrics per stage as ``lopti/low/...`` and ``lopti/high/...`` plus the group sizes
+    ``lopti/low/tokens`` and ``lopti/high/tokens``, and the stage results under ``"lopti_stages"``.
     """
 
     def __init__(self, policy: Any, eta: Optional[float], *, low_first: bool = True, skip_empty: bool = False):
@@ -321,6 +208,8 @@ class LoptiPolicy:
         self.skip_empty = skip_empty
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_policy":
+            raise AttributeError(name)
         return getattr(self._policy, name)
 
     @property
@@ -336,6 +225,11 @@ class LoptiPolicy:
     def train(self, data: Any, loss_fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self.eta is None:
             return self._policy.train(data, loss_fn, *args, **kwargs)
+        if getattr(loss_fn, "stage_mask_key", None) != STAGE_MASK_KEY or getattr(loss_fn, "lopti_eta", None) != self.eta:
+            raise ValueError(
+                f"LoptiPolicy(eta={self.eta}) needs a LoptiClippedPGLossFn built with {LOPTI_ETA_KEY}={self.eta} "
+                f"(got {type(loss_fn).__name__} with {LOPTI_ETA_KEY}={getattr(loss_fn, 'lopti_eta', None)})"
+            )
         if STAGE_MASK_KEY in data:
             raise ValueError(f"data already has {STAGE_MASK_KEY!r}")
         results = []
@@ -345,8 +239,15 @@ class LoptiPolicy:
             staged = copy.copy(data)  # shallow: tensors shared, token_mask untouched
             staged[STAGE_MASK_KEY] = stage.to(data["token_mask"].dtype)
             out = self._policy.train(staged, loss_fn, *args, **kwargs)
-            results.append((name, out))
+            results.append((name, out, int(stage[:, 1:].sum())))
         return self._combine(results)
+
+    def train_from_meta(self, *args: Any, **kwargs: Any) -> Any:
+        """v0.7's TransferQueue trainer (``grpo_sync``): the workers fetch the batch themselves, so no
+        stage mask can be attached on the driver; AR (in the loss) works there, Lopti does not."""
+        if self.eta is not None:
+            raise NotImplementedError("Lopti needs grpo_train (data_plane.enabled: false); AR alone works with grpo_sync")
+        return self._policy.train_from_meta(*args, **kwargs)
 
     @staticmethod
     def _combine(results):
@@ -354,19 +255,24 @@ class LoptiPolicy:
             return {}
         last = results[-1][1]
         if not isinstance(last, Mapping):
-            return [r for _, r in results]
+            return [r for _, r, _ in results]
         merged = dict(last)
-        if all(isinstance(r, Mapping) and "loss" in r for _, r in results):
-            total = results[0][1]["loss"]
-            for _, r in results[1:]:
+        outs = [r for _, r, _ in results]
+        if all(isinstance(r, Mapping) and "loss" in r for r in outs):
+            total = outs[0]["loss"]
+            for r in outs[1:]:
                 total = total + r["loss"]
             merged["loss"] = total
-        mbs = [r.get("all_mb_metrics") for _, r in results if isinstance(r, Mapping)]
-        if all(isinstance(m, Mapping) for m in mbs) and mbs:
+        if all(isinstance(r, Mapping) and torch.is_tensor(r.get("grad_norm")) for r in outs):
+            merged["grad_norm"] = torch.cat([r["grad_norm"].reshape(-1) for r in outs])
+        if all(isinstance(r, Mapping) and isinstance(r.get("all_mb_metrics"), Mapping) for r in outs):
             cat: dict = {}
-            for m in mbs:
-                for k, v in m.items():
+            for name, r, tokens in results:
+                for k, v in r["all_mb_metrics"].items():
+                    if k.startswith(METRIC_PREFIX):
+                        k = f"{METRIC_PREFIX}{name}/{k[len(METRIC_PREFIX):]}"
                     cat.setdefault(k, []).extend(v if isinstance(v, list) else [v])
+                cat[f"{METRIC_PREFIX}{name}/tokens"] = [tokens]
             merged["all_mb_metrics"] = cat
-        merged["lopti_stages"] = {name: r for name, r in results}
+        merged["lopti_stages"] = {name: r for name, r, _ in results}
         return merged

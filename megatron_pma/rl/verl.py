@@ -1,61 +1,62 @@
-"""verl adapter: AR policy losses registered in verl's policy-loss registry, and a Lopti two-stage update.
+"""verl adapter: AR around verl's own policy losses, and Lopti's two-stage update in verl's trainers.
 
 Method: Yang et al., "Do Not Let Low-Probability Tokens Over-Dominate in RL for LLMs",
 arXiv:2505.12929 (whose official code is a fork of early verl).  Framework: verl
-(github.com/volcengine/verl, PyPI ``verl``; written against 0.9.1).  No verl code is copied here; verl is
-imported lazily and only its public registry (``register_policy_loss`` / ``get_policy_loss_fn``) and
-loss aggregation (``agg_loss``) are used.
+(github.com/volcengine/verl, PyPI ``verl``; written against 0.9.1).  verl is imported lazily; its public
+registry (``register_policy_loss`` / ``get_policy_loss_fn``) and trainers are used, never copied.
 
-Usage::
+AR — loss modes registered in verl's policy-loss registry (verl 0.9.1 signature ``fn(old_log_prob,
+log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None, rollout_is_weights=None)
+-> (loss, metrics)``).  Each reweights the advantages by ``alpha * exp(old_log_prob) + 1 - alpha`` and
+calls verl's own registered loss (``vanilla`` unless ``policy_loss.ar_base_loss_mode`` names another),
+so loss, gradient and metrics are verl's:
 
-    from megatron_pma.rl.verl import register_verl_policy_losses
-    register_verl_policy_losses()          # adds loss modes "ar" and "vanilla_ar"
+* ``"ar"`` — alpha defaults to 0.2 (the paper's AR-only scripts);
+* ``"vanilla_ar"`` — alpha defaults to 0: exactly verl's ``vanilla`` until an alpha is configured.
 
-    # select it:  actor_rollout_ref.actor.policy_loss.loss_mode=ar
-    # Every process that imports verl must register too (Ray workers): set
-    #   VERL_USE_EXTERNAL_MODULES=megatron_pma.rl.verl_plugin
-    # in the environment (verl imports the listed modules in its __init__; the plugin registers on
-    # import), or declare the plugin as a ``verl.plugins`` entry point of the installed package.
+Alpha per call: ``policy_loss.ar_alpha`` (verl's typed config, see :mod:`megatron_pma.rl.verl_config`)
+> the environment variable ``MEGATRON_PMA_AR_ALPHA`` > the mode's default.
 
-Loss modes (both with verl 0.9.1's signature ``fn(old_log_prob, log_prob, advantages, response_mask,
-loss_agg_mode="token-mean", config=None, rollout_is_weights=None) -> (loss, metrics)``):
+Lopti — two actor updates per rollout batch, groups fixed by ``old_log_probs``:
 
-* ``"vanilla_ar"`` — our implementation of verl's PPO clipped loss (asymmetric clip
-  ``clip_ratio_low/high``, dual clip ``clip_ratio_c``, log-ratio clamped to +-20, rollout IS weights,
-  ``agg_loss`` with ``config.global_batch_info``) with AR strength defaulting to 0: identical to
-  ``"vanilla"`` until an alpha is configured.
-* ``"ar"`` — the same with AR on, alpha defaulting to 0.2 (the paper's AR-only scripts).
+* V1 trainer (``trainer.use_v1=true``, verl 0.9.1's default; batches live in TransferQueue):
+  :func:`lopti_update_actor_v1` writes the stage's group as ``response_mask`` before each update and
+  restores it afterwards.  verl's actor loss (``verl.workers.utils.losses.ppo_loss``) masks the policy
+  gradient, the KL loss and the entropy bonus with ``response_mask`` while its token normaliser
+  (``batch_num_tokens``) counts ``loss_mask``, which stays the full response: the official AR-Lopti
+  code's behaviour (terms masked by group, normalised over the full mask).  ``eta`` comes from the
+  trainer's own config slot ``trainer.v1.<trainer_mode>.lopti_eta`` (e.g.
+  ``+trainer.v1.sync.lopti_eta=0.5``), else ``MEGATRON_PMA_LOPTI_ETA``; needs ``loss_agg_mode=token-mean``.
+* Legacy trainer (``trainer.use_v1=false``): :func:`lopti_two_stage_update` zeroes the advantages outside
+  the group (its worker path derives the normaliser from ``response_mask``, so the mask cannot be
+  restricted there); limitation: verl's KL loss and entropy terms then act on the whole response in
+  both stages.  ``eta`` from ``MEGATRON_PMA_LOPTI_ETA``.
 
-Alpha is resolved per call: ``config.ar_alpha`` or ``config.policy_loss.ar_alpha`` if the config carries
-one, else the environment variable ``MEGATRON_PMA_AR_ALPHA`` (propagates to Ray workers through the
-runtime env), else the mode's default.
-
-Lopti: :func:`lopti_two_stage_update` replaces the trainer's single ``update_actor(batch)`` call by two
-calls on copies of the batch whose advantages are zeroed outside the stage's token group (the response
-mask, hence verl's token-count normaliser, is unchanged; ``old_log_probs`` are not recomputed).
-Limitation: verl's own KL-loss (``use_kl_loss``) and entropy terms are computed by the actor over the
-whole response mask, so with Lopti they are applied in both stages (the official fork masks them to
-the group).  Use ``use_kl_in_reward`` or a small ``kl_loss_coef`` (the paper uses 0.001).
+:mod:`megatron_pma.rl.verl_plugin` (a ``verl.plugins`` entry point, or ``VERL_USE_EXTERNAL_MODULES``)
+registers the losses and installs Lopti into both trainers in every verl process.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from typing import Any, Callable, Optional
 
 import torch
 
-from megatron_pma.rl.core import lopti_masks, pg_token_losses, reweight_advantages
+from megatron_pma.rl.core import lopti_masks, reweight_advantages
 
 __all__ = [
     "register_verl_policy_losses",
     "make_ar_policy_loss",
     "lopti_two_stage_update",
+    "lopti_update_actor_v1",
     "lopti_trainer_class",
     "install_lopti_into_verl_trainer",
     "apply_advantage_reweighting",
     "AR_ALPHA_ENV",
+    "LOPTI_ETA_ENV",
     "LOSS_MODES",
 ]
 
@@ -63,40 +64,35 @@ AR_ALPHA_ENV = "MEGATRON_PMA_AR_ALPHA"
 LOPTI_ETA_ENV = "MEGATRON_PMA_LOPTI_ETA"
 #: loss mode -> default alpha
 LOSS_MODES = {"vanilla_ar": 0.0, "ar": 0.2}
+#: ``lopti_eta`` key in verl's per-trainer-mode config slot ``trainer.v1.<mode>``.
+LOPTI_ETA_KEY = "lopti_eta"
 
 
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     if cfg is None:
         return default
-    if hasattr(cfg, "get"):
-        try:
-            val = cfg.get(key, default)
-        except Exception:  # noqa: BLE001 - odd config objects
-            val = getattr(cfg, key, default)
-    else:
-        val = getattr(cfg, key, default)
+    val = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
     return default if val is None else val
 
 
+def _env_float(name: str) -> Optional[float]:
+    raw = os.environ.get(name, "").strip()
+    return None if not raw or raw.lower() == "none" else float(raw)
+
+
 def resolve_alpha(config: Any, default: float) -> float:
-    """AR alpha for one call: config ``ar_alpha`` > ``policy_loss.ar_alpha`` > env var > ``default``."""
-    val = _cfg_get(config, "ar_alpha")
+    """AR alpha for one call: ``config.policy_loss.ar_alpha`` > ``$MEGATRON_PMA_AR_ALPHA`` > ``default``."""
+    val = _cfg_get(_cfg_get(config, "policy_loss"), "ar_alpha")
     if val is None:
-        val = _cfg_get(_cfg_get(config, "policy_loss"), "ar_alpha")
-    if val is None and os.environ.get(AR_ALPHA_ENV, "").strip():
-        val = float(os.environ[AR_ALPHA_ENV])
+        val = _env_float(AR_ALPHA_ENV)
     alpha = float(default if val is None else val)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"AR alpha must be in [0, 1], got {alpha}")
     return alpha
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / (mask.sum() + 1e-8)
-
-
 def make_ar_policy_loss(default_alpha: float) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
-    """Build a verl policy-loss function with AR (arXiv:2505.12929) and the given default alpha."""
+    """A verl policy loss: AR (arXiv:2505.12929) on the advantages, then verl's own registered loss."""
 
     def ar_policy_loss(
         old_log_prob: torch.Tensor,
@@ -107,38 +103,22 @@ def make_ar_policy_loss(default_alpha: float) -> Callable[..., tuple[torch.Tenso
         config: Optional[Any] = None,
         rollout_is_weights: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        from verl.trainer.ppo.core_algos import agg_loss
+        from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-        if config is None:
-            raise ValueError("config (the actor config) is required")
-        clip = _cfg_get(config, "clip_ratio", 0.2)
-        eps_low = _cfg_get(config, "clip_ratio_low", clip)
-        eps_high = _cfg_get(config, "clip_ratio_high", clip)
-        c = _cfg_get(config, "clip_ratio_c", 3.0)
-        if not c > 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1, got {c}")
         alpha = resolve_alpha(config, default_alpha)
-
-        old = old_log_prob.detach()
-        adv = reweight_advantages(advantages, old, alpha) if alpha > 0 else advantages
-        log_ratio = (log_prob - old).clamp(min=-20.0, max=20.0)
-        pg, _, clipped, dual_hit = pg_token_losses(log_ratio, adv, eps_low, eps_high, c)
-        if rollout_is_weights is not None:
-            pg = pg * rollout_is_weights
-        batch_info = _cfg_get(config, "global_batch_info", {}) or {}
-        loss = agg_loss(loss_mat=pg, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **dict(batch_info))
-        with torch.no_grad():
-            mask = response_mask.to(torch.float32)
-            metrics = {
-                "actor/pg_clipfrac": _masked_mean(clipped.float(), mask).item(),
-                "actor/ppo_kl": _masked_mean(-log_ratio.detach().float(), mask).item(),
-                "actor/pg_clipfrac_lower": _masked_mean(dual_hit.float(), mask).item(),
-                "actor/ar_alpha": alpha,
-            }
-            if alpha > 0:
-                metrics["actor/ar_weight_mean"] = _masked_mean(
-                    (alpha * old.float().exp() + 1 - alpha), mask
-                ).item()
+        base_mode = _cfg_get(_cfg_get(config, "policy_loss"), "ar_base_loss_mode", "vanilla")
+        base = get_policy_loss_fn(base_mode)
+        if getattr(base, "_megatron_pma", False):
+            raise ValueError(f"policy_loss.ar_base_loss_mode={base_mode!r} is an AR mode itself")
+        adv = reweight_advantages(advantages, old_log_prob, alpha) if alpha > 0 else advantages
+        loss, metrics = base(old_log_prob, log_prob, adv, response_mask, loss_agg_mode, config, rollout_is_weights)
+        metrics = dict(metrics)
+        metrics["actor/ar_alpha"] = alpha
+        if alpha > 0:
+            with torch.no_grad():
+                mask = response_mask.to(torch.float32)
+                weight = alpha * old_log_prob.detach().float().exp() + 1 - alpha
+                metrics["actor/ar_weight_mean"] = ((weight * mask).sum() / (mask.sum() + 1e-8)).item()
         return loss, metrics
 
     ar_policy_loss.__name__ = f"ar_policy_loss_alpha{default_alpha}"
@@ -159,17 +139,17 @@ def register_verl_policy_losses(modes: Optional[dict[str, float]] = None) -> lis
         if registry is not None and name in registry and getattr(registry[name], "_megatron_pma", False):
             names.append(name)
             continue
-        fn = make_ar_policy_loss(alpha)
-        fn._megatron_pma = True  # type: ignore[attr-defined]
         if registry is not None and name in registry:
             raise ValueError(f"verl already has a different policy loss named {name!r}")
+        fn = make_ar_policy_loss(alpha)
+        fn._megatron_pma = True  # type: ignore[attr-defined]
         core_algos.register_policy_loss(name)(fn)
         names.append(name)
     return names
 
 
 # --------------------------------------------------------------------------------------------------
-# Driver-side helpers
+# Legacy trainer (DataProto batches on the driver)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -203,6 +183,11 @@ def apply_advantage_reweighting(
     return _with_tensor(batch, adv_key, reweight_advantages(t[adv_key], t[old_key], alpha))
 
 
+def _stage_order(low: torch.Tensor, high: torch.Tensor, low_first: bool) -> list[tuple[str, torch.Tensor]]:
+    stages = [("low", low), ("high", high)]
+    return stages if low_first else stages[::-1]
+
+
 def lopti_two_stage_update(
     batch: Any,
     update_actor: Callable[[Any], Any],
@@ -214,36 +199,27 @@ def lopti_two_stage_update(
     mask_key: str = "response_mask",
     old_key: str = "old_log_probs",
 ) -> Any:
-    """Lopti (arXiv:2505.12929, Sec. 4.2) around verl's ``update_actor``.
-
-    In the PPO trainer replace ``actor_output = self.actor_rollout_wg.update_actor(batch)`` by
-    ``actor_output = lopti_two_stage_update(batch, self.actor_rollout_wg.update_actor, eta=0.5)``.
+    """Lopti (arXiv:2505.12929, Sec. 4.2) around the legacy trainer's ``update_actor(batch)``.
 
     Groups come from ``batch[old_key]`` (``exp(old_log_probs) < eta``) within ``batch[mask_key]`` and
     are fixed for both stages; each stage gets a shallow copy of the batch whose advantages are zeroed
-    outside the group, so the policy-gradient term only moves that group while verl's normaliser
-    (computed from the unchanged response mask) stays the full response.  ``old_log_probs`` are not
-    recomputed, so stage 2's ratio includes stage 1's drift.  With ``eta=None`` this is just
-    ``update_actor(batch)``.
+    outside the group, so the policy-gradient term only moves that group while the normaliser
+    (from the unchanged response mask) stays the full response.  ``old_log_probs`` are not recomputed,
+    so stage 2's ratio includes stage 1's drift.  With ``eta=None`` this is just ``update_actor(batch)``.
 
     Returns the last stage's output; when outputs carry ``meta_info["metrics"]`` (verl's ``DataProto``)
-    the metrics of every stage are added under ``lopti/<stage>/<name>``.  The per-stage outputs are in
-    ``.meta_info["lopti_stage_outputs"]`` when available.
+    the metrics of every stage are added under ``lopti/<stage>/<name>``.
     """
     if eta is None:
         return update_actor(batch)
     t = _tensors(batch)
     low, high = lopti_masks(t[old_key], t[mask_key], eta)
-    stages = [("low", low), ("high", high)]
-    if not low_first:
-        stages.reverse()
     adv = t[adv_key]
     outputs = []
-    for name, stage in stages:
+    for name, stage in _stage_order(low, high, low_first):
         if skip_empty and not bool(stage.any()):
             continue
-        staged = _with_tensor(batch, adv_key, adv * stage.to(adv.dtype))
-        outputs.append((name, update_actor(staged)))
+        outputs.append((name, update_actor(_with_tensor(batch, adv_key, adv * stage.to(adv.dtype)))))
     if not outputs:
         return None
     last = outputs[-1][1]
@@ -258,39 +234,142 @@ def lopti_two_stage_update(
     return last
 
 
-def lopti_trainer_class(base: Optional[type] = None, eta: Optional[float] = 0.5, *, low_first: bool = True) -> type:
-    """A subclass of verl's (legacy, ``trainer.use_v1=False``) ``RayPPOTrainer`` whose
-    ``_update_actor(batch)`` runs :func:`lopti_two_stage_update`.  ``base`` defaults to
-    ``verl.trainer.ppo.ray_trainer.RayPPOTrainer``; any class with an ``_update_actor(batch)`` method works."""
-    if base is None:
-        from verl.trainer.ppo.ray_trainer import RayPPOTrainer as base  # noqa: N813
+# --------------------------------------------------------------------------------------------------
+# V1 trainer (batches in TransferQueue, KVBatchMeta on the driver)
+# --------------------------------------------------------------------------------------------------
 
-    def _update_actor(self, batch):
-        parent = super(cls, self)._update_actor
-        return lopti_two_stage_update(batch, parent, eta, low_first=low_first)
+
+def v1_lopti_eta(trainer: Any) -> Optional[float]:
+    """``trainer.v1.<trainer_mode>.lopti_eta`` of the trainer's config, else ``$MEGATRON_PMA_LOPTI_ETA``."""
+    v1 = trainer.config.trainer.get("v1", {}) or {}
+    mode = v1.get("trainer_mode", "sync")
+    eta = (v1.get(mode, {}) or {}).get(LOPTI_ETA_KEY)
+    eta = _env_float(LOPTI_ETA_ENV) if eta is None else float(eta)
+    if eta is not None and not 0.0 < eta <= 1.0:
+        raise ValueError(f"trainer.v1.{mode}.{LOPTI_ETA_KEY} must be in (0, 1], got {eta}")
+    return eta
+
+
+def lopti_update_actor_v1(
+    trainer: Any,
+    batch: Any,
+    metrics: dict,
+    update_actor: Callable[[Any, dict], Any],
+    eta: Optional[float],
+    *,
+    low_first: bool = True,
+) -> Any:
+    """Lopti around the V1 trainer's ``_update_actor(batch, metrics)`` (``batch`` a TransferQueue
+    ``KVBatchMeta``): the stage's token group is written as ``response_mask`` before each update and the
+    original mask is written back afterwards (also on error).  ``loss_mask`` — verl's normaliser — is not
+    touched.  ``metrics`` gets the last stage's actor metrics under their usual names, every stage's under
+    ``lopti/<stage>/...`` and the group sizes as ``lopti/<stage>/tokens``.
+    """
+    if eta is None:
+        return update_actor(batch, metrics)
+    from tensordict import TensorDict
+    from verl.trainer.ppo.v1 import trainer_base
+    from verl.workers.utils.padding import response_to_nested
+
+    agg = trainer.config.actor_rollout_ref.actor.get("loss_agg_mode", "token-mean")
+    if agg != "token-mean":
+        raise ValueError(f"Lopti needs actor.loss_agg_mode=token-mean (the paper's); got {agg!r}")
+    tq = trainer_base.tq
+    fetched = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["response_mask", "old_log_probs"])
+    nested_mask = fetched["response_mask"]
+    padded = fetched.to_padded_tensor()
+    mask = padded["response_mask"]
+    low, high = lopti_masks(padded["old_log_probs"], mask, eta)
+
+    def put_mask(value):
+        fields = TensorDict({"response_mask": value}, batch_size=len(batch))
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+
+    try:
+        for name, stage in _stage_order(low, high, low_first):
+            put_mask(response_to_nested(stage.to(mask.dtype), nested_mask))
+            stage_metrics: dict = {}
+            batch = update_actor(batch, stage_metrics)
+            metrics.update(stage_metrics)
+            metrics.update({f"lopti/{name}/{k}": v for k, v in stage_metrics.items()})
+            metrics[f"lopti/{name}/tokens"] = int(stage.sum())
+    finally:
+        put_mask(nested_mask)
+    return batch
+
+
+def _is_v1(base: type) -> bool:
+    import inspect
+
+    return "metrics" in inspect.signature(base._update_actor).parameters
+
+
+def lopti_trainer_class(base: Optional[type] = None, eta: Optional[float] = 0.5, *, low_first: bool = True) -> type:
+    """A subclass of a verl trainer whose ``_update_actor`` runs Lopti's two stages.  ``base`` defaults to
+    the V1 ``PPOTrainerSync``; a legacy ``RayPPOTrainer`` (``_update_actor(batch)``) works too."""
+    if base is None:
+        from verl.trainer.ppo.v1 import PPOTrainerSync as base  # noqa: N813
+
+    if _is_v1(base):
+
+        def _update_actor(self, batch, metrics):
+            return lopti_update_actor_v1(self, batch, metrics, super(cls, self)._update_actor, eta, low_first=low_first)
+
+    else:
+
+        def _update_actor(self, batch):
+            return lopti_two_stage_update(batch, super(cls, self)._update_actor, eta, low_first=low_first)
 
     cls = type(f"Lopti{base.__name__}", (base,), {"_update_actor": _update_actor, "lopti_eta": eta})
     cls.__doc__ = f"{base.__name__} with Lopti (eta={eta}): two actor updates per rollout batch (arXiv:2505.12929)."
     return cls
 
 
-def install_lopti_into_verl_trainer(eta: Optional[float], *, low_first: bool = True) -> bool:
-    """Patch verl's legacy ``RayPPOTrainer._update_actor`` in this process to run Lopti's two stages.
+def _patch(cls: type, make: Callable[[Callable], Callable], enable: bool) -> bool:
+    original = cls.__dict__.get("_megatron_pma_original_update_actor", cls.__dict__["_update_actor"])
+    cls._megatron_pma_original_update_actor = original
+    cls._update_actor = make(original) if enable else original
+    return enable
 
-    Used by :mod:`megatron_pma.rl.verl_plugin` when ``MEGATRON_PMA_LOPTI_ETA`` is set, so that the
-    unmodified ``python -m verl.trainer.main_ppo trainer.use_v1=False ...`` entry point gets Lopti in its
-    TaskRunner process.  Idempotent; ``eta=None`` restores the original method.  Returns True if patched.
+
+def install_lopti_into_verl_trainer(eta: Optional[float] = None, *, low_first: bool = True) -> dict[str, bool]:
+    """Wrap verl's trainers' ``_update_actor`` in this process (idempotent; what the plugin does).
+
+    * V1 ``PPOTrainer`` (every trainer mode): always wrapped; each call reads ``eta`` from the trainer's
+      config (:func:`v1_lopti_eta`) and is a plain pass-through when none is set.
+    * legacy ``RayPPOTrainer``: wrapped when ``eta`` (here, or ``$MEGATRON_PMA_LOPTI_ETA``) is set;
+      ``eta=None`` without the variable restores the original.
+
+    Returns which trainers were wrapped (a trainer module that does not import is skipped).
     """
-    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    eta = _env_float(LOPTI_ETA_ENV) if eta is None else eta
+    done = {"v1": False, "legacy": False}
+    try:
+        from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    except ImportError:
+        PPOTrainer = None  # noqa: N806
+    if PPOTrainer is not None:
 
-    original = getattr(RayPPOTrainer, "_megatron_pma_original_update_actor", RayPPOTrainer._update_actor)
-    RayPPOTrainer._megatron_pma_original_update_actor = original
-    if eta is None:
-        RayPPOTrainer._update_actor = original
-        return False
+        def make_v1(original):
+            def _update_actor(self, batch, metrics):
+                return lopti_update_actor_v1(
+                    self, batch, metrics, functools.partial(original, self), v1_lopti_eta(self), low_first=low_first
+                )
 
-    def _update_actor(self, batch):
-        return lopti_two_stage_update(batch, lambda b: original(self, b), eta, low_first=low_first)
+            return _update_actor
 
-    RayPPOTrainer._update_actor = _update_actor
-    return True
+        done["v1"] = _patch(PPOTrainer, make_v1, True)
+    try:
+        from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    except ImportError:
+        RayPPOTrainer = None  # noqa: N806
+    if RayPPOTrainer is not None:
+
+        def make_legacy(original):
+            def _update_actor(self, batch):
+                return lopti_two_stage_update(batch, functools.partial(original, self), eta, low_first=low_first)
+
+            return _update_actor
+
+        done["legacy"] = _patch(RayPPOTrainer, make_legacy, eta is not None)
+    return done

@@ -1,30 +1,20 @@
-"""Importing this module registers megatron-pma's AR policy losses with verl (arXiv:2505.12929),
-and, if ``MEGATRON_PMA_LOPTI_ETA`` is set, patches verl's legacy ``RayPPOTrainer._update_actor`` to run
-Lopti's two update stages.
+"""Importing this module registers megatron-pma's AR policy losses with verl (arXiv:2505.12929) and wraps
+verl's trainers' ``_update_actor`` for Lopti (see :func:`megatron_pma.rl.verl.install_lopti_into_verl_trainer`).
 
-verl imports the modules listed in ``VERL_USE_EXTERNAL_MODULES`` when it is imported, in every process
-(driver, TaskRunner, workers), so::
+verl imports it in every process (driver, TaskRunner, workers): as the ``verl.plugins`` entry point this
+package declares, or through ``VERL_USE_EXTERNAL_MODULES=megatron_pma.rl.verl_plugin``.  Then::
 
-    export VERL_USE_EXTERNAL_MODULES=megatron_pma.rl.verl_plugin
-    export MEGATRON_PMA_AR_ALPHA=0.3        # optional: alpha for loss_mode=ar / vanilla_ar
-    export MEGATRON_PMA_LOPTI_ETA=0.5       # optional: Lopti (legacy trainer, trainer.use_v1=False)
-    python -m verl.trainer.main_ppo actor_rollout_ref.actor.policy_loss.loss_mode=ar trainer.use_v1=False ...
+    python -m verl.trainer.main_ppo \\
+        actor_rollout_ref.actor.policy_loss._target_=megatron_pma.rl.verl_config.ARPolicyLossConfig \\
+        actor_rollout_ref.actor.policy_loss.loss_mode=ar +actor_rollout_ref.actor.policy_loss.ar_alpha=0.3 \\
+        +trainer.v1.sync.lopti_eta=0.5 ...
 
-(on a multi-node Ray cluster put these variables into the Ray runtime environment).
+(V1 trainer, verl 0.9.1's default).  The legacy trainer (``trainer.use_v1=false``) takes Lopti's eta
+from ``MEGATRON_PMA_LOPTI_ETA``; put environment variables into the Ray runtime environment on a
+multi-node cluster.
 """
 
-import os
-
-from megatron_pma.rl.verl import LOPTI_ETA_ENV, install_lopti_into_verl_trainer, register_verl_policy_losses
+from megatron_pma.rl.verl import install_lopti_into_verl_trainer, register_verl_policy_losses
 
 REGISTERED = register_verl_policy_losses()
-
-_eta = os.environ.get(LOPTI_ETA_ENV, "").strip()
-LOPTI_INSTALLED = False
-if _eta and _eta.lower() != "none":
-    try:
-        LOPTI_INSTALLED = install_lopti_into_verl_trainer(float(_eta))
-    except ImportError as exc:  # worker processes of a partial verl install: only the trainer needs it
-        import warnings
-
-        warnings.warn(f"megatron-pma: Lopti not installed into verl's RayPPOTrainer ({exc})", stacklevel=1)
+LOPTI_INSTALLED = install_lopti_into_verl_trainer()

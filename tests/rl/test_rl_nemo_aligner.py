@@ -145,3 +145,24 @@ def test_patch_applies_and_compiles(sdist_root, tmp_path):
     # the patch does not apply twice
     again = subprocess.run(["patch", "-p1", "--forward", "--dry-run", "-i", str(PATCH)], cwd=work, capture_output=True, text=True)
     assert again.returncode != 0
+
+
+def test_entropy_bonus_masked_by_stage_normalised_over_full_mask():
+    """NeMo-Aligner's entropy bonus is ``masked_mean(entropy, mask) = entropy[mask.bool()].mean()``
+    (nemo_aligner/utils/ppo_utils.py calculate_entropy); with our (mask, scale) the stages add up to it."""
+    from megatron_pma.rl.nemo_aligner import lopti_entropy_weighting
+
+    curr, batch = _batch(seed=2)
+    entropy = torch.rand(batch["mask"].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    is_end_mask = batch["mask"] * batch["is_end"].view(-1, 1)
+    bonus = lambda m, s: entropy[m.bool()].mean() * s  # noqa: E731
+    m, s = lopti_entropy_weighting(batch, is_end_mask)
+    assert m is is_end_mask and s == 1.0
+    parts = []
+    for _, staged in lopti_stage_rollout_data(batch, 0.3):
+        m, s = lopti_entropy_weighting(staged, is_end_mask)
+        assert torch.equal(m.bool(), (is_end_mask * staged[STAGE_MASK_KEY]).bool())
+        parts.append(bonus(m, s))
+    torch.testing.assert_close(parts[0] + parts[1], bonus(is_end_mask, 1.0))
+    empty = dict(batch, **{STAGE_MASK_KEY: torch.zeros_like(batch["mask"])})
+    assert lopti_entropy_weighting(empty, is_end_mask)[1] == 0.0

@@ -100,7 +100,7 @@ def test_ar_equals_vanilla_on_reweighted_advantages(monkeypatch):
     l_ref, _ = vanilla(old, cur, reweight_advantages(adv, old, 0.2), mask, "token-mean", cfg)
     torch.testing.assert_close(l_ar, l_ref)
     assert m["actor/ar_alpha"] == 0.2
-    # alpha from the environment (how Ray workers get it)
+    # alpha from the environment (the fallback when the config names none)
     monkeypatch.setenv(AR_ALPHA_ENV, "0.5")
     l_env, _ = core_algos.get_policy_loss_fn("vanilla_ar")(old, cur, adv, mask, "token-mean", cfg)
     l_ref5, _ = vanilla(old, cur, reweight_advantages(adv, old, 0.5), mask, "token-mean", cfg)
@@ -190,12 +190,12 @@ def test_lopti_with_real_tiny_model_and_verl_loss():
     assert obj(new) > obj(old)
 
 
-def test_lopti_trainer_class_overrides_update_actor():
-    """With a stand-in trainer class (verl's RayPPOTrainer module needs the GPU-side extras:
-    torchdata, datasets, peft, ...), then with the real class when it imports."""
+def test_lopti_trainer_class_legacy_overrides_update_actor():
+    """A legacy-style trainer (``_update_actor(batch)``): the stand-in first, then verl's real RayPPOTrainer."""
     from verl import DataProto
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
-    from megatron_pma.rl.verl import install_lopti_into_verl_trainer, lopti_trainer_class
+    from megatron_pma.rl.verl import lopti_trainer_class
 
     class FakeTrainer:
         def __init__(self):
@@ -210,18 +210,215 @@ def test_lopti_trainer_class_overrides_update_actor():
     trainer = lopti_trainer_class(FakeTrainer, eta=0.3)()
     out = trainer._update_actor(batch)
     assert len(trainer.seen) == 2 and "lopti/high/actor/pg_loss" in out.meta_info["metrics"]
+    assert issubclass(lopti_trainer_class(RayPPOTrainer, eta=0.5), RayPPOTrainer)
 
+
+# ------------------------------------------------------------------------------------------ typed config
+
+
+def _compose(*overrides):
+    """verl's own ppo_trainer.yaml through Hydra, as ``python -m verl.trainer.main_ppo ...`` composes it."""
+    import os
+
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    d = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=d, version_base=None):
+        return compose("ppo_trainer", overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1", *overrides])
+
+
+def test_ar_alpha_through_verls_typed_config():
+    from hydra.errors import InstantiationException
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from megatron_pma.rl.verl_config import ARPolicyLossConfig
+
+    cfg = _compose("+actor_rollout_ref.actor.policy_loss.ar_alpha=0.3")
+    with pytest.raises(InstantiationException, match="ar_alpha"):  # verl's own PolicyLossConfig rejects the key
+        omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    cfg = _compose(
+        "actor_rollout_ref.actor.policy_loss._target_=megatron_pma.rl.verl_config.ARPolicyLossConfig",
+        "actor_rollout_ref.actor.policy_loss.loss_mode=ar",
+        "+actor_rollout_ref.actor.policy_loss.ar_alpha=0.3",
+    )
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert isinstance(actor, FSDPActorConfig) and isinstance(actor.policy_loss, ARPolicyLossConfig)
+    assert actor.policy_loss.ar_alpha == 0.3 and actor.policy_loss.loss_mode == "ar"
+
+    old, cur, adv, mask = _inputs(seed=8)
+    loss_fn = core_algos.get_policy_loss_fn(actor.policy_loss.loss_mode)
+    got, metrics = loss_fn(old, cur, adv, mask, actor.loss_agg_mode, actor)
+    expect, expect_metrics = core_algos.get_policy_loss_fn("vanilla")(
+        old, cur, reweight_advantages(adv, old, 0.3), mask, actor.loss_agg_mode, actor)
+    torch.testing.assert_close(got, expect)
+    assert metrics["actor/ar_alpha"] == 0.3 and expect_metrics.keys() <= metrics.keys()
+    with pytest.raises(ValueError, match="ar_alpha"):
+        ARPolicyLossConfig(ar_alpha=1.5)
+
+
+# ------------------------------------------------------------------------------------------ V1 trainer
+
+
+class MemoryTQ:
+    """Stand-in for TransferQueue (a Ray-backed store that does not start here): one TensorDict of
+    jagged per-sample fields, with TransferQueue's ``kv_batch_get`` / ``kv_batch_put`` calls."""
+
+    def __init__(self, td):
+        self.td = td
+        self.puts = []
+
+    def kv_batch_get(self, keys, partition_id, select_fields=None):
+        return self.td.select(*select_fields) if select_fields else self.td.copy()
+
+    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
+        self.puts.append(sorted(fields.keys()))
+        self.td.update(fields)
+
+
+class Meta:
+    """Stand-in for TransferQueue's KVBatchMeta (keys, partition, extra_info)."""
+
+    def __init__(self, n):
+        self.keys = [f"k{i}" for i in range(n)]
+        self.partition_id = "train"
+        self.extra_info = {}
+
+    def __len__(self):
+        return len(self.keys)
+
+
+class LossOnlyWorker:
+    """Stand-in for the actor worker group: ``update_actor`` fetches the batch from the store as verl's
+    worker does and evaluates verl's REAL actor loss (``verl.workers.utils.losses.ppo_loss``) on fixed
+    log-probs and entropy (no optimizer step), normaliser ``batch_num_tokens`` from ``loss_mask`` as
+    verl's engines compute it."""
+
+    def __init__(self, tq, actor_cfg, log_probs, entropy, prompt_len):
+        self.tq, self.cfg, self.lp, self.ent, self.p = tq, actor_cfg, log_probs, entropy, prompt_len
+        self.losses = []
+
+    def update_actor(self, batch):
+        from tensordict import TensorDict
+        from verl.utils import tensordict_utils as tu
+        from verl.workers.utils.losses import ppo_loss
+
+        td = self.tq.kv_batch_get(batch.keys, batch.partition_id).to_padded_tensor()
+        b, r = td["response_mask"].shape
+        data = TensorDict({
+            "prompts": torch.ones(b, self.p, dtype=torch.long), "responses": torch.ones(b, r, dtype=torch.long),
+            "attention_mask": torch.ones(b, self.p + r, dtype=torch.long), "response_mask": td["response_mask"],
+            "old_log_probs": td["old_log_probs"], "advantages": td["advantages"], "ref_log_prob": td["ref_log_prob"],
+        }, batch_size=b)
+        tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=td["loss_mask"].sum().item(), global_batch_size=None)
+        loss, _ = ppo_loss(self.cfg, {"log_probs": self.lp, "entropy": self.ent}, data)
+        self.losses.append(loss)
+        return {"metrics": {"loss": [loss.item()], "mfu": [0.0]}}
+
+
+def _v1_setup(*overrides, b=4, r=6, p=3):
+    from tensordict import TensorDict
+    from verl.trainer.ppo.v1 import trainer_base
+    from verl.utils.config import omega_conf_to_dataclass
+
+    g = torch.Generator().manual_seed(21)
+    lens = [r, r - 2, r, r - 1]
+    nested = lambda rows: torch.nested.as_nested_tensor(rows, layout=torch.jagged)  # noqa: E731
+    old = [-torch.rand(n, generator=g) * 3 for n in lens]
+    store = TensorDict({
+        "response_mask": nested([torch.ones(n) for n in lens]),
+        "loss_mask": nested([torch.ones(n) for n in lens]),
+        "old_log_probs": nested(old),
+        "advantages": nested([torch.full((n,), float(torch.randn(1, generator=g))) for n in lens]),
+        "ref_log_prob": nested([o + 0.3 * torch.randn(len(o), generator=g) for o in old]),
+    }, batch_size=b)
+    cfg = _compose("actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.kl_loss_coef=0.1",
+                   "actor_rollout_ref.actor.entropy_coeff=0.01", "actor_rollout_ref.actor.policy_loss.loss_mode=ar",
+                   "actor_rollout_ref.rollout.n=1", *overrides)
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    # the policy's current log-probs / entropy over the whole sequences (prompt + response), as the engine returns
+    total = b * (p + r)
+    theta = torch.zeros(total, requires_grad=True)
+    padded_old = torch.cat([torch.nn.functional.pad(o, (0, r - len(o))) for o in old]).reshape(b, r)
+    full = torch.zeros(b, p + r)
+    full[:, p - 1 : p + r - 1] = padded_old + 0.2  # verl shifts model outputs left by one token
+    lp = full.reshape(-1) + theta
+    ent = (1.0 + 0.5 * theta.sin()).reshape(-1)
+    tq = MemoryTQ(store)
+    worker = LossOnlyWorker(tq, actor, lp, ent, p)
+    return trainer_base, cfg, tq, worker, theta, Meta(b)
+
+
+@pytest.fixture
+def v1_trainer(monkeypatch):
+    from verl.trainer.ppo.v1 import PPOTrainerSync
+    from verl.trainer.ppo.v1 import trainer_base
+
+    def make(cls, *overrides):
+        tb, cfg, tq, worker, theta, meta = _v1_setup(*overrides)
+        monkeypatch.setattr(trainer_base, "tq", tq)
+        trainer = object.__new__(cls)  # verl's __init__ starts Ray worker groups: only its fields are set
+        trainer.config, trainer.actor_rollout_wg = cfg, worker
+        return trainer, tq, worker, theta, meta
+
+    yield make, PPOTrainerSync
+
+
+def test_v1_lopti_stages_add_up_and_mask_kl_and_entropy_by_group(v1_trainer):
+    """verl's real V1 ``PPOTrainerSync._update_actor`` and real ``ppo_loss`` (PG with AR, k3 KL loss,
+    entropy bonus), TransferQueue and the worker group stood in: the two stages' losses and gradients add up
+    to the one-stage update's, so every term is masked by group and normalised over the full mask."""
+    from megatron_pma.rl.verl import lopti_trainer_class
+
+    make, sync = v1_trainer
+    plain, tq, worker, theta, meta = make(sync)
+    metrics = {}
+    plain._update_actor(meta, metrics)
+    (full_loss,) = worker.losses
+    (full_grad,) = torch.autograd.grad(full_loss, theta)
+
+    trainer, tq, worker, theta, meta = make(lopti_trainer_class(sync, eta=0.25))
+    before = tq.td.copy()
+    metrics = {}
+    trainer._update_actor(meta, metrics)
+    low, high = worker.losses
+    torch.testing.assert_close(low + high, full_loss)
+    grads = [torch.autograd.grad(x, theta, retain_graph=True)[0] for x in (low, high)]
+    torch.testing.assert_close(grads[0] + grads[1], full_grad)
+    assert low.abs() > 0 and high.abs() > 0
+    old, mask = before["old_log_probs"].to_padded_tensor(0.0), before["response_mask"].to_padded_tensor(0.0)
+    lo, hi = lopti_masks(old, mask, 0.25)
+    assert metrics["lopti/low/tokens"] == int(lo.sum()) and metrics["lopti/high/tokens"] == int(hi.sum())
+    assert metrics["lopti/low/actor/loss"] == pytest.approx(low.item()) and "actor/loss" in metrics
+    # the store is as before: response_mask restored, loss_mask never written
+    assert torch.equal(tq.td["response_mask"].to_padded_tensor(0.0), mask)
+    assert all(fields == ["response_mask"] for fields in tq.puts) and len(tq.puts) == 3
+
+
+def test_v1_plugin_wrap_reads_eta_from_verls_trainer_config(v1_trainer):
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    from megatron_pma.rl.verl import install_lopti_into_verl_trainer
+
+    make, sync = v1_trainer
+    originals = (PPOTrainer.__dict__["_update_actor"], RayPPOTrainer.__dict__["_update_actor"])
     try:
-        from verl.trainer.ppo.ray_trainer import RayPPOTrainer
-    except ImportError as exc:
-        pytest.skip(f"verl.trainer.ppo.ray_trainer not importable here ({exc}); stand-in checked")
-    assert issubclass(lopti_trainer_class(eta=0.5), RayPPOTrainer)
-    original = RayPPOTrainer._update_actor
-    try:
-        assert install_lopti_into_verl_trainer(0.5) and RayPPOTrainer._update_actor is not original
+        assert install_lopti_into_verl_trainer() == {"v1": True, "legacy": False}
+        trainer, tq, worker, theta, meta = make(sync)  # no lopti_eta: a pass-through
+        trainer._update_actor(meta, {})
+        assert len(worker.losses) == 1
+        trainer, tq, worker, theta, meta = make(sync, "+trainer.v1.sync.lopti_eta=0.25")
+        metrics = {}
+        trainer._update_actor(meta, metrics)
+        assert len(worker.losses) == 2 and "lopti/high/tokens" in metrics
+        trainer, *_, meta = make(sync, "+trainer.v1.sync.lopti_eta=0.25", "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean")
+        with pytest.raises(ValueError, match="token-mean"):
+            trainer._update_actor(meta, {})
+        assert install_lopti_into_verl_trainer(0.5)["legacy"] and RayPPOTrainer._update_actor is not originals[1]
     finally:
-        install_lopti_into_verl_trainer(None)
-    assert RayPPOTrainer._update_actor is original
+        PPOTrainer._update_actor, RayPPOTrainer._update_actor = originals
+    assert PPOTrainer._megatron_pma_original_update_actor.__qualname__ == "PPOTrainer._update_actor"  # verl's own
 
 
 @pytest.mark.slow  # a fresh interpreter importing verl (+ ray, transformers): 5-60 s depending on load
