@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +33,7 @@ import torch
 
 import ckpt_factory
 from bridge_site import BridgeUnavailable, install_bridge, load_module
-from conftest import DRIVER, cache_dir, subprocess_env  # noqa: F401 (DRIVER: same conftest as the others)
+from conftest import cache_dir, subprocess_env
 from megatron_pma.training.bridge import PMACallback, tracked_iteration
 
 
@@ -199,8 +200,6 @@ def test_bad_num_models():
 def test_launcher_points_bridge_scripts_to_the_callback(tmp_path):
     """``python -m megatron_pma.training.megatron_lm`` on a script that trains through Bridge: one
     line naming PMACallback, exit 2, the script never runs."""
-    import subprocess
-
     marker = tmp_path / "ran"
     script = tmp_path / "train_bridge.py"
     script.write_text("from megatron.bridge.training.pretrain import pretrain\n"
@@ -212,3 +211,9 @@ def test_launcher_points_bridge_scripts_to_the_callback(tmp_path):
     [line] = r.stderr.strip().splitlines()
     assert "Megatron-Bridge" in line and "PMACallback" in line and str(script) in line
     assert not marker.exists()
+
+
+def test_import_needs_neither_torch_nor_bridge():
+    code = ("import sys; from megatron_pma.training.bridge import PMACallback; "
+            "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env(), timeout=120)
