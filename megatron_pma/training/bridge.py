@@ -28,6 +28,9 @@ Where it hooks in (megatron-bridge >= 0.5.1; read in 0.6.2's ``training/checkpoi
   hook there, which waits for the last merge. (A run that leaves through Bridge's exit conditions
   calls ``sys.exit`` before ``on_train_end``: the merge in flight is then abandoned, never published.)
 
+Save dirs on an object store (Bridge's multi-storage client, ``msc://``) are not supported: the
+merge reads local files.
+
 Keep ``cfg.checkpoint.most_recent_k`` (Bridge deletes older ``iter_*`` folders) at -1 or at least the
 window the merge needs: ``num_models`` checkpoints, more with ``interval_iters`` spacing.
 
@@ -139,7 +142,7 @@ class PMACallback:
             return
         iteration = tracked_iteration(save_dir)
         if iteration is None or (self._last_iteration is not None and iteration <= self._last_iteration):
-            logger.info("PMA: checkpoint save not in %s's tracker (non-persistent): no merge", save_dir)
+            logger.info("PMA: %s's tracker names no new iteration (a non-persistent save): no merge", save_dir)
             return
         self._last_iteration = iteration
         if self.hook is None:
