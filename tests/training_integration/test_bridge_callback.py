@@ -217,3 +217,16 @@ def test_import_needs_neither_torch_nor_bridge():
     code = ("import sys; from megatron_pma.training.bridge import PMACallback; "
             "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env(), timeout=120)
+
+
+def test_warns_when_bridge_retention_is_shorter_than_the_window(callbacks_mod, gpt_tp2, tmp_path, caplog):
+    save = tmp_path / "run"
+    save.mkdir()
+    bridge_save(gpt_tp2[0], save, 10)
+    cb = PMACallback(3)
+    manager = callbacks_mod.normalize_callbacks([cb])
+    with caplog.at_level(logging.WARNING, logger="megatron_pma.training.bridge"):
+        _fire(callbacks_mod, manager, "on_checkpoint_save", _state(save, step=10, most_recent_k=2))
+        _fire(callbacks_mod, manager, "on_train_end", _state(save, step=10, most_recent_k=2))
+    assert "most_recent_k=2" in caplog.text
+    assert [(r.iteration, r.status) for r in cb.hook.results] == [(10, "skipped")]  # too few yet
