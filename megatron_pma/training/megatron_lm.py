@@ -26,6 +26,10 @@ so non-persistent (local or global) saves, ``release`` saves and saves to anothe
 never trigger a merge. The merge runs in the hook's background worker; training never waits
 for it, except once at the very end (the launcher waits for the merge in flight before exit).
 
+A script that trains through Megatron-Bridge (it imports ``megatron.bridge``) saves through Bridge's
+own ``save_checkpoint``: the launcher stops with one line pointing to
+``megatron_pma.training.bridge.PMACallback``, the Bridge callback.
+
 If the installed Megatron does not have the structure this relies on, the launcher stops
 before training with one line naming the Megatron version (use the patch in
 ``patches/megatron-lm/`` or the ``megatron-pma watch`` sidecar instead).
@@ -34,6 +38,7 @@ before training with one line naming the Megatron version (use the patch in
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import inspect
 import os
@@ -399,6 +404,27 @@ def install(on_saved: OnSaved, module: types.ModuleType | None = None) -> Instal
 # --------------------------------------------------------------------------------------------
 
 
+def trains_through_bridge(script: str) -> bool:
+    """Whether ``script`` imports Megatron-Bridge (``megatron.bridge``): its train loop saves through
+    Bridge's own ``save_checkpoint``, which the Megatron-LM interception never sees."""
+    try:
+        with open(script, "rb") as f:
+            tree = ast.parse(f.read(), filename=script)
+    except (OSError, SyntaxError, ValueError):
+        return False  # the script's own run reports it
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        if any(n == "megatron.bridge" or n.startswith("megatron.bridge.") for n in names):
+            return True
+    return False
+
+
+
 class _LazyHook:
     """Creates the PMAHook on the first final save (rank 0 only), with the tracker's dir."""
 
@@ -451,6 +477,12 @@ def main(argv: list[str] | None = None, hook_factory=None) -> int:
         return 2 if exc.code else 0
     if not os.path.isfile(script):
         print(f"megatron-pma: training script not found: {script}", file=sys.stderr)
+        return 2
+
+    if trains_through_bridge(script):
+        print(f"megatron-pma: {script} trains through Megatron-Bridge, whose saves this launcher cannot see: "
+              "pass callbacks=[megatron_pma.training.bridge.PMACallback(num_models=N)] to pretrain() instead",
+              file=sys.stderr)
         return 2
 
     # Like `python SCRIPT`: its directory first on sys.path (Megatron-LM's pretrain_*.py import

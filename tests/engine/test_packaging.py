@@ -7,6 +7,7 @@ sees only this repository and the distributions pyproject lists, linked from the
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import sysconfig
@@ -26,11 +27,12 @@ def _dependencies() -> list[str]:
     if tomllib is None:
         pytest.skip("tomllib needs Python >= 3.11")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return project["dependencies"]
+    return [re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0] for d in project["dependencies"]]
 
 
 # Each hard dependency and the top-level modules it installs (a Bridge run_config.yaml needs yaml).
-HARD = {"numpy": ("numpy", "numpy.libs"), "tqdm": ("tqdm",), "pyyaml": ("yaml", "_yaml")}
+HARD = {"numpy": ("numpy", "numpy.libs"), "tqdm": ("tqdm",), "pyyaml": ("yaml", "_yaml"),
+        "ml-dtypes": ("ml_dtypes",)}
 
 
 def test_hard_dependencies_are_what_the_engine_imports():

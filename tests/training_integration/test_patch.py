@@ -1,13 +1,26 @@
 """patches/megatron-lm/0001-pma-hook.patch against the megatron/training/ files of the
-megatron-core 0.19.2 wheel: it applies cleanly (``patch -p1 --dry-run``, then for real, in a
-temp copy), the patched files compile, and the patched Megatron-LM code really calls the PMA
-hook after the tracker write -- sync and async -- with the --pma-* options parsed by its own
-argument parser."""
+megatron-core 0.19.2 wheel (= Megatron-LM core_r0.19.0): it applies with ``git apply`` (exact
+context, no fuzz; ``patch -p1`` too), the patched files compile, and the patched Megatron-LM code
+really calls the PMA hook after the tracker write -- sync and async -- with the --pma-* options
+parsed by its own argument parser.
+
+Megatron-LM main (0.20.0-dev) is not in CI (no network for a checkout, and its source is not ours to
+commit). Checked by hand at d98e8a6 (2026-12-05): ``git show HEAD:megatron/training/{arguments,
+checkpointing}.py`` of a github:NVIDIA/Megatron-LM snapshot into ``megatron/training/`` of an empty
+``git init`` tree, then ``git apply --check -v`` (all hunks apply, at offsets: the helper now goes
+before ``# Track deletion processes to prevent zombies``, whose context main shares, not after
+``_deletion_processes = []``, which main follows with ``_maybe_compact_rollout_bank``), ``git apply``,
+``py_compile`` and ``git apply -R --check``; the hook call lands right after the tracker write in
+``save_checkpoint``'s ``iter_finalize_fn``, where ``save_dir``, ``iteration`` and ``release`` are
+defined. ``test_patch_applies_to_a_megatron_lm_checkout`` repeats that on a checkout named by
+``$PMA_MEGATRON_LM_SRC`` (skipped when unset).
+"""
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import py_compile
 import shutil
 import subprocess
@@ -22,20 +35,50 @@ PATCH = REPO / "patches" / "megatron-lm" / "0001-pma-hook.patch"
 FILES = ("megatron/training/arguments.py", "megatron/training/checkpointing.py")
 
 
+def git_apply(tree: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``git apply`` of the patch in ``tree`` (its own repository, so paths are relative to it)."""
+    if not (tree / ".git").exists():
+        subprocess.run(["git", "init", "-q", str(tree)], check=True)
+    return subprocess.run(["git", "apply", "-v", *flags, str(PATCH)], cwd=tree, capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def patched_tree(mcore_0192_site, tmp_path_factory) -> Path:
-    if shutil.which("patch") is None:
-        pytest.skip("the `patch` program is not installed")
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
     root = tmp_path_factory.mktemp("patched")
     # megatron/ is a namespace package: a tree holding only megatron/training, placed before
     # the 0.19.2 site on sys.path, overrides megatron.training and keeps megatron.core.
     shutil.copytree(mcore_0192_site / "megatron" / "training", root / "megatron" / "training")
-    for dry in (True, False):
-        r = subprocess.run(["patch", "-p1", "--forward", "--batch"] + (["--dry-run"] if dry else []),
-                           stdin=PATCH.open(), cwd=root, capture_output=True, text=True)
-        assert r.returncode == 0, f"patch{' --dry-run' if dry else ''} failed:\n{r.stdout}\n{r.stderr}"
-        assert "offset" not in r.stdout and "fuzz" not in r.stdout, r.stdout  # exact fit
+    for flags in (["--check"], []):
+        r = git_apply(root, *flags)
+        assert r.returncode == 0, f"git apply {flags} failed:\n{r.stdout}\n{r.stderr}"
+        assert "offset" not in r.stderr and "fuzz" not in r.stderr, r.stderr  # exact fit
     return root
+
+
+def test_patch_applies_with_patch_p1_too(mcore_0192_site, tmp_path):
+    if shutil.which("patch") is None:
+        pytest.skip("the `patch` program is not installed")
+    shutil.copytree(mcore_0192_site / "megatron" / "training", tmp_path / "megatron" / "training")
+    r = subprocess.run(["patch", "-p1", "--forward", "--batch", "--dry-run"], stdin=PATCH.open(), cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "fuzz" not in r.stdout and "offset" not in r.stdout, r.stdout + r.stderr
+
+
+def test_patch_applies_to_a_megatron_lm_checkout(tmp_path):
+    """``$PMA_MEGATRON_LM_SRC``: a Megatron-LM checkout (e.g. main); see the module docstring."""
+    src = os.environ.get("PMA_MEGATRON_LM_SRC")
+    if not src:
+        pytest.skip("set PMA_MEGATRON_LM_SRC to a Megatron-LM checkout to check the patch against it")
+    for rel in FILES:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(src) / rel, tmp_path / rel)
+    for flags in (["--check"], [], ["-R", "--check"]):
+        r = git_apply(tmp_path, *flags)
+        assert r.returncode == 0, f"git apply {flags} failed:\n{r.stdout}\n{r.stderr}"
+    for rel in FILES:
+        py_compile.compile(str(tmp_path / rel), doraise=True)
 
 
 def test_patch_applies_and_compiles(patched_tree, mcore_0192_site):
@@ -62,8 +105,7 @@ def test_patch_applies_and_compiles(patched_tree, mcore_0192_site):
 def test_patch_reverses_cleanly(patched_tree, tmp_path):
     copy = tmp_path / "t"
     shutil.copytree(patched_tree, copy)
-    r = subprocess.run(["patch", "-p1", "-R", "--batch", "--dry-run"], stdin=PATCH.open(), cwd=copy,
-                       capture_output=True, text=True)
+    r = git_apply(copy, "-R", "--check")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
