@@ -18,6 +18,7 @@ from megatron_pma.checkpoint.common_state import consumed_tokens, read_common_st
 from megatron_pma.checkpoint.discovery import (
     TRACKER,
     is_complete,
+    iter_dir_name,
     iteration_from_name,
     read_tracker,
 )
@@ -118,6 +119,10 @@ class Layout:
     def trackers(self) -> tuple[str, ...]:
         """The tracker files this layout writes (to clean up after a killed write)."""
         return (TRACKER,)
+
+    def output_name(self, iteration: int) -> str:
+        """What the watcher names the merge of the window ending at ``iteration`` (NeMo-RL: step_N)."""
+        return iter_dir_name(iteration)
 
 
 def has_file(path: Path, name: str) -> bool:

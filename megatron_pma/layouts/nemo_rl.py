@@ -144,6 +144,9 @@ class NeMoRL(Layout):
     def trackers(self) -> tuple[str, ...]:
         return ()
 
+    def output_name(self, iteration: int) -> str:
+        return f"step_{iteration}"
+
 
 def _copy_tree(src: Path, dst: Path, skip: set[Path], rel: Path) -> None:
     """Copy ``src`` into ``dst`` but the relative paths in ``skip`` (folders holding a skipped
