@@ -154,10 +154,7 @@ def plan(inputs: Sequence[str | Path], group, *, method: str = "sma", alpha: flo
         if a.iteration == b.iteration:
             raise PMAError(f"{b.label}: duplicate iteration {b.iteration} (also {a.label})")
     newest = loaded[-1]
-    if optimizer != "drop":
-        raise PMAError(f"{newest.label}: --optimizer {optimizer}: the optimizer state beside safetensors weights "
-                       "(NeMo-RL's policy/optimizer/, a Hugging Face Trainer's optimizer.pt) is not merged; "
-                       "use --optimizer drop")
+    _check_optimizer(newest, optimizer)
     w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize)
     check_same(loaded)
     jobs, n_tensors, n_merged = [], 0, 0
@@ -172,6 +169,24 @@ def plan(inputs: Sequence[str | Path], group, *, method: str = "sma", alpha: flo
             n_tensors += 1
             n_merged += merge
     return Plan(loaded, w, jobs, method, optimizer, n_tensors, n_merged)
+
+
+def _check_optimizer(newest: Input, optimizer: str) -> None:
+    """What can be done with the optimizer state beside safetensors weights: NeMo-RL's DTensor
+    backend keeps it in policy/optimizer/ (a torch DCP of Adam moments and steps, no fp32 copy
+    of the weights): ``keep-last-moments`` keeps the newest's, ``drop`` leaves it out;
+    ``average`` is not offered. A Hugging Face Trainer's optimizer.pt is never merged."""
+    rel = newest.layout.optimizer_subdir
+    if optimizer == "drop":
+        return
+    if rel is None:
+        raise PMAError(f"{newest.label}: --optimizer {optimizer}: the optimizer state beside safetensors weights "
+                       "(a Hugging Face Trainer's optimizer.pt) is not merged; use --optimizer drop")
+    if optimizer == "average":
+        raise PMAError(f"{newest.label}: --optimizer average: the optimizer state in {rel}/ is not averaged; use "
+                       "--optimizer keep-last-moments (merged weights, the newest's moments) or drop")
+    if not (newest.root / rel).is_dir():
+        raise PMAError(f"{newest.label}: no {rel}/ (saved without its optimizer); use --optimizer drop")
 
 
 @dataclass
@@ -341,13 +356,25 @@ def write(plan: Plan, data: Path, group, *, allow_nonfinite: bool, progress, fsy
 
 def fields(plan: Plan, written: dict) -> dict:
     """What this format adds to pma_provenance.json."""
-    return dict(format=NAME, files=len(plan.newest.checkpoint.files), tensors=plan.tensors,
-                tensors_averaged=plan.merged)
+    out = dict(format=NAME, files=len(plan.newest.checkpoint.files), tensors=plan.tensors,
+               tensors_averaged=plan.merged)
+    rel = plan.newest.layout.optimizer_subdir
+    if rel and (plan.newest.root / rel).is_dir():
+        out["optimizer_state"] = (f"{rel}/: the newest input's" if plan.optimizer == "keep-last-moments"
+                                  else f"{rel}/: left out (--optimizer drop)")
+    return out
 
 
 def finish(plan: Plan, data: Path, written: dict, left_out: dict) -> None:
-    """Rank 0, after every rank wrote: the newest input's indexes and other files."""
+    """Rank 0, after every rank wrote: the newest input's indexes and other files, and with
+    keep-last-moments its optimizer folder (NeMo-RL DTensor: policy/optimizer/)."""
     _copy_rest(plan.newest.path, data, set(left_out), set(plan.newest.checkpoint.files))
+    rel = plan.newest.layout.optimizer_subdir
+    if rel and plan.optimizer == "keep-last-moments":
+        stage = data
+        for _ in Path(plan.newest.layout.data_subdir).parts:  # up to the output's top
+            stage = stage.parent
+        shutil.copytree(plan.newest.root / rel, stage / rel, symlinks=True)
 
 
 def _copy_rest(src: Path, dst: Path, left_out: set[str], tensor_files: set[str], rel: Path = Path(".")) -> None:

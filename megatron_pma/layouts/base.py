@@ -74,6 +74,9 @@ class Layout:
 
     # Where a checkpoint's tensor files sit inside it (NeMo 2: "weights"), the merge's output too.
     data_subdir = ""
+    # Optimizer state kept beside the tensor folder in a format of its own (NeMo-RL's DTensor
+    # backend: "policy/optimizer"); None where it lives with the tensors or nowhere.
+    optimizer_subdir: str | None = None
 
     def check_output(self, output: Path, newest_iteration: int, trackers: bool) -> None:
         """Refuse, before anything is written, an output this layout could not point a trainer at."""

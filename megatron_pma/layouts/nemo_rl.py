@@ -61,8 +61,9 @@ def backend_of(root: Path) -> str | None:
 class NeMoRL(Layout):
     keeps_tracker = False  # tmp_step_N -> step_N renames say which saves are final
 
-    def __init__(self, backend: str, title: str, data_subdir: str):
+    def __init__(self, backend: str, title: str, data_subdir: str, optimizer_subdir: str | None):
         self.backend, self.name, self.data_subdir = backend, f"NeMo-RL ({title} backend)", data_subdir
+        self.optimizer_subdir = optimizer_subdir
 
     def owns(self, path: Path) -> bool:
         root = step_root(path)
@@ -102,13 +103,11 @@ class NeMoRL(Layout):
         if _is_dir(self.data_dir(newest) / HF_EXPORT):
             out[HF_EXPORT] = ("Megatron-Bridge's Hugging Face export of the newest input alone (unmerged "
                               "weights)")
-        if _is_dir(self.root(newest) / POLICY / OPTIMIZER):
-            out[f"{POLICY}/{OPTIMIZER}"] = "the DTensor backend's optimizer (a torch DCP): not merged"
         return out
 
     def copy_beside(self, newest: Path, stage: Path) -> None:
         """The newest step's files around the weights (tokenizer, config, training info, Bridge
-        trackers); the weights themselves are the format's, the DTensor optimizer stays out."""
+        trackers); the weights are the format's, and so is the DTensor optimizer (--optimizer)."""
         root = self.root(newest)
         skip = {Path(POLICY) / OPTIMIZER, Path(self.data_subdir)}
         _copy_tree(root, stage, skip, Path("."))
@@ -179,6 +178,6 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-MEGATRON = NeMoRL("megatron", "Megatron", f"{POLICY}/{WEIGHTS}/{BRIDGE_ITER}")
-DTENSOR = NeMoRL("dtensor", "DTensor", f"{POLICY}/{WEIGHTS}/{MODEL}")
+MEGATRON = NeMoRL("megatron", "Megatron", f"{POLICY}/{WEIGHTS}/{BRIDGE_ITER}", None)  # optimizer: in the DCP
+DTENSOR = NeMoRL("dtensor", "DTensor", f"{POLICY}/{WEIGHTS}/{MODEL}", f"{POLICY}/{OPTIMIZER}")
 LAYOUTS = (MEGATRON, DTENSOR)

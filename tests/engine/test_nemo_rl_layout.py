@@ -173,20 +173,25 @@ def test_merge_megatron_backend_save_dir_into_a_step_folder(megatron_steps, opti
     assert [i["iteration"] for i in prov["inputs"]] == list(STEPS) and prov["optimizer"] == optimizer
 
 
-def test_merge_dtensor_backend_into_a_step_folder_that_loads_back(dtensor_steps, tmp_path):
+@pytest.mark.parametrize("optimizer", ["drop", "keep-last-moments"])
+def test_merge_dtensor_backend_into_a_step_folder_that_loads_back(dtensor_steps, optimizer):
     root = dtensor_steps[0].parent
     before = tree_digest(root)
     out = root / "pma" / "step_30"
     out.parent.mkdir()
-    r = cli("merge", "--save-dir", root, "--num-models", "3", "-o", out, "-q")
+    r = cli("merge", "--save-dir", root, "--num-models", "3", "-o", out, "-q", "--optimizer", optimizer)
     assert r.returncode == 0, r.stderr
     assert tree_digest(root).items() >= before.items()
     model_dir = out / "policy" / "weights" / "model"
     ref = reference_merge([_st_tensors(s / "policy/weights/model") for s in dtensor_steps], [1 / 3] * 3)
     merged = _st_tensors(model_dir)
     assert_tensors_close(merged, ref)
-    assert not (out / "policy" / "optimizer").exists()  # not merged: left out, and said so
-    assert "policy/optimizer" in json.loads((out / "pma_provenance.json").read_text())["left_out"]
+    said = json.loads((out / "pma_provenance.json").read_text())["optimizer_state"]
+    if optimizer == "drop":  # left out, and said so
+        assert not (out / "policy" / "optimizer").exists() and "left out" in said
+    else:  # the newest step's moments and step counts, as saved (no fp32 weight copy in them)
+        assert tree_digest(out / "policy" / "optimizer") == tree_digest(dtensor_steps[-1] / "policy" / "optimizer")
+        assert "newest" in said
     for rel in ("config.yaml", "training_info.json", "train_dataloader.pt", "policy/tokenizer",
                 "policy/weights/model/config.json", "policy/weights/model/model.safetensors.index.json"):
         assert tree_digest(out / rel) == tree_digest(dtensor_steps[-1] / rel), rel
@@ -223,10 +228,17 @@ def _bad_mixed_backends(steps, tmp):
 
 def _bad_dtensor_optimizer_average(steps, tmp):
     other = make_dtensor_steps(tmp / "other", steps=(40, 50))
-    return ["--optimizer", "average", *other], "use --optimizer drop"
+    return ["--optimizer", "average", *other], "policy/optimizer/ is not averaged"
 
 
-@pytest.mark.parametrize("case", [_bad_tmp_step_named, _bad_mixed_backends, _bad_dtensor_optimizer_average])
+def _bad_dtensor_keep_moments_without_optimizer(steps, tmp):
+    other = make_dtensor_steps(tmp / "other", steps=(40, 50))
+    shutil.rmtree(other[-1] / "policy" / "optimizer")
+    return ["--optimizer", "keep-last-moments", *other], "no policy/optimizer/"
+
+
+@pytest.mark.parametrize("case", [_bad_tmp_step_named, _bad_mixed_backends, _bad_dtensor_optimizer_average,
+                                  _bad_dtensor_keep_moments_without_optimizer])
 def test_bad_nemo_rl_input(case, megatron_steps, tmp_path):
     args, expected = case(megatron_steps, tmp_path)
     out = tmp_path / "out"
