@@ -402,13 +402,9 @@ def describe(path: Path) -> dict:
     """What ``megatron-pma inspect`` shows for a safetensors checkpoint (same fields as torch_dist)."""
     c = load_input(Path(path))
     keys = [{"key": f"{rel}:{t.name}" if len(c.checkpoint.files) > 1 else t.name, "shape": list(t.shape),
-             "dtype": t.dtype.name, "chunks": 1, "role": None}
+             "dtype": t.dtype.name, "chunks": 1, "role": "model"}
             for rel, f in c.checkpoint.files.items() for t in f.tensors.values()]
-    return {"path": str(path), "format": f"safetensors, {len(c.checkpoint.files)} files",
+    return {"path": str(path), "format": f"{c.layout.name}: safetensors",
             "metadata_json": None, "iteration": c.iteration, "tokens": None, "parallel": None,
-            "optimizer_state": "none", "tensor_bytes": sum(k_nbytes(f) for f in c.checkpoint.files.values()),
-            "files": len(c.checkpoint.files), "keys": keys, "layout": c.layout.name}
-
-
-def k_nbytes(f: stf.File) -> int:
-    return sum(t.nbytes for t in f.tensors.values())
+            "optimizer_state": "none", "files": len(c.checkpoint.files), "keys": keys, "layout": c.layout.name,
+            "tensor_bytes": sum(t.nbytes for f in c.checkpoint.files.values() for t in f.tensors.values())}

@@ -247,3 +247,13 @@ def test_bad_nemo_rl_input(case, megatron_steps, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], r.stderr
     assert not out.exists()
+
+
+def test_inspect_shows_steps_of_both_backends(megatron_steps, tmp_path):
+    dtensor = make_dtensor_steps(tmp_path / "dt", steps=(7,))
+    r = cli("inspect", megatron_steps[-1])
+    assert r.returncode == 0 and "iteration 30" in r.stdout, r.stderr
+    r = cli("inspect", dtensor[0])
+    assert r.returncode == 0 and "NeMo-RL (DTensor backend): safetensors, iteration 7" in r.stdout, r.stderr
+    r = cli("inspect", dtensor[0].parent)  # a checkpoint dir: every step
+    assert r.returncode == 0 and "iteration 7" in r.stdout, r.stderr
