@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -196,46 +196,6 @@ class _Labelled:
 
 
 # ---------------------------------------------------------------------------------------------
-# The slab loop
-
-
-def merged_slabs(read: Callable[[int, np.ndarray, int], None], weights: Sequence[float], dtype: DType,
-                 numel: int, scratch: slab_math.Scratch, check: bool,
-                 on_nonfinite: Callable[[int, int], None]) -> Iterator[np.ndarray]:
-    """sum_i w_i * x_i of one tensor, yielded slab by slab as raw bytes of ``dtype`` (each slab
-    valid until the next is asked for). ``read(i, buf, first)`` fills ``buf`` with elements
-    [first, first + buf.size) of input i (raw view); ``on_nonfinite(first, n)`` raises.
-
-    fp32 / fp64: the first input is read straight into the accumulator; others are widened into a
-    reused buffer and added with their weight; the sum is narrowed back (slab_math)."""
-    raw_t, acc_t = slab_math.raw_dtype(dtype), slab_math.acc_dtype(dtype)
-    in_place = raw_t == acc_t
-    for first in range(0, numel, SLAB_ELEMENTS):
-        n = min(SLAB_ELEMENTS, numel - first)
-        acc = scratch.get(acc_t, n, "acc")
-        raw = scratch.get(raw_t, n, "raw")
-        wide = raw if in_place else scratch.get(acc_t, n, "wide")
-        for i, w in enumerate(weights):
-            read(i, acc if (i == 0 and in_place) else raw, first)
-            target = acc if i == 0 else wide
-            if not in_place:
-                slab_math.widen(raw, dtype, target)
-            if i == 0:
-                np.multiply(acc, w, out=acc)
-            else:
-                np.multiply(wide, w, out=wide)
-                np.add(acc, wide, out=acc)
-        finite = slab_math.all_finite(acc) if (check or not in_place) else True
-        if check and not finite:
-            on_nonfinite(first, n)
-        if in_place:
-            yield acc
-        else:
-            slab_math.narrow(acc, dtype, raw, scratch.get(np.dtype(np.uint32), n, "bits"), finite)
-            yield raw
-
-
-# ---------------------------------------------------------------------------------------------
 # Execution
 
 
@@ -306,8 +266,8 @@ def _write_job(plan: Plan, job: Job, out: Path, files: _Files, scratch: slab_mat
         raise PMAError(f"{newest_path}: key {job.name}: merged values overflow to Inf")
 
     pos, queued = job.offset, job.offset
-    for slab in merged_slabs(read, plan.weights, job.dtype, job.nbytes // itemsize, scratch,
-                             not allow_nonfinite, nonfinite):
+    for slab in slab_math.weighted_slabs(read, plan.weights, job.dtype, job.nbytes // itemsize, SLAB_ELEMENTS,
+                                         scratch, not allow_nonfinite, nonfinite):
         _pwrite_all(ofd, slab, pos)
         pos += slab.nbytes
         if pos - queued >= _WRITEBACK_STEP:  # the disk writes while we compute (see writeback)

@@ -60,6 +60,7 @@ def _single(root: Path, steps=STEPS, dtype=torch.bfloat16) -> list[Path]:
         d = root / f"step_{step}"
         d.mkdir(parents=True)
         save_file({"w": torch.randn(257, 33, generator=g).to(dtype), "norm": torch.rand(33, generator=g).to(dtype),
+                   "half": torch.randn(40, generator=g).half(), "double": torch.randn(9, generator=g).double(),
                    "count": torch.tensor([step, i]), "mask": torch.tensor([True, False])},
                   d / "model.safetensors", metadata={"format": "pt", "saved_at": str(step)})
         out.append(d)
