@@ -342,11 +342,12 @@ def _copy_rest(src: Path, dst: Path, left_out: set[str], tensor_files: set[str],
         name = str(rel / entry.name)
         if name in tensor_files or name in left_out or entry.name == PROVENANCE_FILE:
             continue
-        if entry.is_dir(follow_symlinks=False):
+        # links are followed: a Hugging Face cache snapshot links its files into ../../blobs
+        if entry.is_dir():
             (dst / entry.name).mkdir(exist_ok=True)
             _copy_rest(Path(entry.path), dst / entry.name, left_out, tensor_files, rel / entry.name)
         else:
-            shutil.copy2(entry.path, dst / entry.name, follow_symlinks=False)
+            shutil.copy2(entry.path, dst / entry.name)
 
 
 def summary(plan: Plan, output: Path, written: dict) -> tuple[int, int]:

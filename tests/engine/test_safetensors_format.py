@@ -105,6 +105,9 @@ def test_sharded_save_pretrained_run_merges_to_the_reference_and_loads_back(hf_r
 
 def test_single_file_bf16_with_metadata_and_integers(tmp_path):
     ckpts = _single(tmp_path / "run", steps=(5, 50, 500))  # headers of different lengths
+    (tmp_path / "blobs").mkdir()  # a Hugging Face cache snapshot: files are relative links into blobs/
+    (tmp_path / "blobs" / "cfg").write_text('{"model_type": "llama"}')
+    (ckpts[-1] / "config.json").symlink_to("../../blobs/cfg")
     out = tmp_path / "out"
     r = cli("merge", *ckpts, "-o", out, "-q")
     assert r.returncode == 0, r.stderr
@@ -115,6 +118,7 @@ def test_single_file_bf16_with_metadata_and_integers(tmp_path):
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt", "saved_at": "500"}
     assert (out / "model.safetensors").stat().st_size == (ckpts[-1] / "model.safetensors").stat().st_size
+    assert not (out / "config.json").is_symlink() and (out / "config.json").read_text() == '{"model_type": "llama"}'
 
 
 def test_workers_write_the_same_bytes_and_save_dir_picks_the_window(hf_run, tmp_path):
@@ -215,7 +219,15 @@ def _holed(ckpts):
     return "key mask"
 
 
-@pytest.mark.parametrize("breaker", [_other_name, _other_shape, _other_dtype, _header_past_end, _data_past_end,
+def _nan(ckpts):
+    f = ckpts[1] / "model.safetensors"
+    t = load_file(f)
+    t["w"][3, 4] = float("nan")
+    save_file(t, f, metadata={"format": "pt", "saved_at": "200"})
+    return "step_200/model.safetensors: key w holds NaN/Inf (pass --allow-nonfinite"
+
+
+@pytest.mark.parametrize("breaker", [_nan, _other_name, _other_shape, _other_dtype, _header_past_end, _data_past_end,
                                      _not_json, _missing_shard, _no_number, _holed])
 def test_bad_input_is_one_line_and_exit_2(breaker, tmp_path):
     ckpts = _single(tmp_path / "run")
