@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -82,7 +82,6 @@ class Plan:
     optimizer: str
     tensors: int = 0
     merged: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def newest(self) -> Input:
