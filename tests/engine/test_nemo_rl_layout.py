@@ -9,7 +9,7 @@ The step folders are arranged exactly as NeMo-RL v0.7 writes them (source in
   (l. 355-372) takes the highest ``step_\\d+``; ``get_resume_paths`` (l. 150-193) reads
   ``policy/weights`` and ``policy/optimizer`` (DTensor) or ``policy/weights/iter_0000000/common.pt``
   (Megatron).
-- ``nemo_rl/algorithms/grpo.py`` (l. 2936-2950): ``policy.save_checkpoint(weights_path=step/policy/
+- ``nemo_rl/algorithms/grpo.py`` (l. 2933-2970): ``policy.save_checkpoint(weights_path=step/policy/
   weights, optimizer_path=step/policy/optimizer, tokenizer_path=step/policy/tokenizer)`` and
   ``torch.save(dataloader.state_dict(), step/train_dataloader.pt)``.
 - Megatron backend, ``nemo_rl/models/policy/workers/megatron_policy_worker.py`` ``save_checkpoint``
