@@ -119,14 +119,15 @@ class NeMoRL(Layout):
         return None
 
     def list_checkpoints(self, save_dir: Path, up_to_tracker: bool = True) -> list[tuple[int, Path]]:
+        others = [p for p in _step_dirs(save_dir) if backend_of(p) not in (self.backend, None)]
+        if others:  # a run saves with one backend: never merge a window of half of it silently
+            theirs = next(layout for layout in LAYOUTS if layout.backend == backend_of(others[0]))
+            raise PMAError(f"{save_dir}: holds steps of two NeMo-RL backends ({others[0].name}: {theirs.name}, "
+                           f"others: {self.name}); merge checkpoints of one run")
         return sorted((int(STEP.match(p.name).group(1)), p) for p in self._steps(save_dir) if self.is_complete(p))
 
     def _steps(self, save_dir: Path) -> list[Path]:
-        try:
-            entries = [Path(e.path) for e in os.scandir(save_dir) if STEP.match(e.name) and e.is_dir()]
-        except OSError:
-            return []
-        return [p for p in entries if self.owns(p) and backend_of(p) == self.backend]
+        return [p for p in _step_dirs(save_dir) if self.owns(p) and backend_of(p) == self.backend]
 
     def is_complete(self, ckpt: Path) -> bool:
         root = self.root(ckpt)
@@ -145,6 +146,13 @@ class NeMoRL(Layout):
 
     def output_name(self, iteration: int) -> str:
         return f"step_{iteration}"
+
+
+def _step_dirs(save_dir: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(save_dir) if STEP.match(e.name) and e.is_dir()]
+    except OSError:
+        return []
 
 
 def _copy_tree(src: Path, dst: Path, skip: set[Path], rel: Path) -> None:

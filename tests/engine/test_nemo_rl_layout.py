@@ -226,6 +226,11 @@ def _bad_mixed_backends(steps, tmp):
     return [*steps, *other], "NeMo-RL (Megatron backend)"
 
 
+def _bad_save_dir_with_both_backends(steps, tmp):
+    make_dtensor_steps(steps[0].parent, steps=(40,))
+    return ["--save-dir", steps[0].parent, "--num-models", "2"], "holds steps of two NeMo-RL backends"
+
+
 def _bad_dtensor_optimizer_average(steps, tmp):
     other = make_dtensor_steps(tmp / "other", steps=(40, 50))
     return ["--optimizer", "average", *other], "policy/optimizer/ is not averaged"
@@ -237,7 +242,8 @@ def _bad_dtensor_keep_moments_without_optimizer(steps, tmp):
     return ["--optimizer", "keep-last-moments", *other], "no policy/optimizer/"
 
 
-@pytest.mark.parametrize("case", [_bad_tmp_step_named, _bad_mixed_backends, _bad_dtensor_optimizer_average,
+@pytest.mark.parametrize("case", [_bad_tmp_step_named, _bad_mixed_backends, _bad_save_dir_with_both_backends,
+                                  _bad_dtensor_optimizer_average,
                                   _bad_dtensor_keep_moments_without_optimizer])
 def test_bad_nemo_rl_input(case, megatron_steps, tmp_path):
     args, expected = case(megatron_steps, tmp_path)
