@@ -245,3 +245,46 @@ def test_bad_input_is_one_line_and_exit_2(breaker, tmp_path):
 def test_optimizer_modes_other_than_drop_are_refused(hf_run, tmp_path):
     r = cli("merge", *hf_run, "-o", tmp_path / "out", "--optimizer", "average", "-q")
     assert r.returncode == 2 and "use --optimizer drop" in r.stderr and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The reader on damaged files: a one-line PMAError, never another exception
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from megatron_pma.checkpoint import safetensors_file  # noqa: E402
+from megatron_pma.errors import PMAError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory) -> bytes:
+    f = tmp_path_factory.mktemp("st") / "model.safetensors"
+    save_file({"w": torch.arange(12, dtype=torch.float32).view(3, 4), "n": torch.tensor([1, 2]),
+               "h": torch.ones(5, dtype=torch.bfloat16)}, f, metadata={"format": "pt"})
+    return f.read_bytes()
+
+
+@given(cut=st.integers(min_value=0, max_value=10 ** 6))
+def test_every_proper_prefix_is_refused_as_truncated(small_file, tmp_path_factory, cut):
+    cut %= len(small_file)
+    f = tmp_path_factory.mktemp("cut") / "model.safetensors"
+    f.write_bytes(small_file[:cut])
+    with pytest.raises(PMAError, match="truncated"):
+        safetensors_file.read_header(f)
+
+
+@given(pos=st.integers(min_value=8, max_value=10 ** 6), byte=st.integers(min_value=0, max_value=255))
+def test_a_damaged_header_reads_or_is_refused_in_one_line(small_file, tmp_path_factory, pos, byte):
+    (n,) = struct.unpack("<Q", small_file[:8])
+    pos = 8 + (pos - 8) % n
+    data = bytearray(small_file)
+    data[pos] = byte
+    f = tmp_path_factory.mktemp("bad") / "model.safetensors"
+    f.write_bytes(bytes(data))
+    try:
+        read = safetensors_file.read_header(f)
+    except PMAError as e:
+        assert "\n" not in str(e) and str(f) in str(e)
+    else:  # still a valid file: every tensor inside it
+        assert all(t.offset + t.nbytes <= len(data) for t in read.tensors.values())
