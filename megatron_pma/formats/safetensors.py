@@ -28,6 +28,7 @@ from megatron_pma.checkpoint import safetensors_file as stf, writeback
 from megatron_pma.checkpoint.discovery import check_checkpoint_dir
 from megatron_pma.checkpoint.dcp_types import DType
 from megatron_pma.errors import PMAError
+from megatron_pma.formats import dcp_optimizer, torch_dist
 from megatron_pma.formats.torch_dist import SLAB_ELEMENTS
 from megatron_pma.names import PROVENANCE_FILE
 
@@ -82,6 +83,7 @@ class Plan:
     optimizer: str
     tensors: int = 0
     merged: int = 0
+    optim: torch_dist.MergePlan | None = None   # --optimizer average of a DCP optimizer beside the weights
 
     @property
     def newest(self) -> Input:
@@ -156,6 +158,8 @@ def plan(inputs: Sequence[str | Path], group, *, method: str = "sma", alpha: flo
     _check_optimizer(newest, optimizer)
     w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize)
     check_same(loaded)
+    rel = newest.layout.optimizer_subdir
+    optim = dcp_optimizer.plan(loaded, w, rel, method) if optimizer == "average" else None
     jobs, n_tensors, n_merged = [], 0, 0
     for rel, f in newest.checkpoint.files.items():
         jobs.append(Job(rel, None, 0, f.header_bytes))
@@ -167,23 +171,21 @@ def plan(inputs: Sequence[str | Path], group, *, method: str = "sma", alpha: flo
             jobs.append(Job(rel, name, t.offset, t.nbytes, t.dtype, merge))
             n_tensors += 1
             n_merged += merge
-    return Plan(loaded, w, jobs, method, optimizer, n_tensors, n_merged)
+    return Plan(loaded, w, jobs, method, optimizer, n_tensors, n_merged, optim)
 
 
 def _check_optimizer(newest: Input, optimizer: str) -> None:
     """What can be done with the optimizer state beside safetensors weights: NeMo-RL's DTensor
     backend keeps it in policy/optimizer/ (a torch DCP of Adam moments and steps, no fp32 copy
-    of the weights): ``keep-last-moments`` keeps the newest's, ``drop`` leaves it out;
-    ``average`` is not offered. A Hugging Face Trainer's optimizer.pt is never merged."""
+    of the weights): ``average`` averages the moments (:mod:`dcp_optimizer`),
+    ``keep-last-moments`` keeps the newest's, ``drop`` leaves it out. A Hugging Face Trainer's
+    optimizer.pt is never merged."""
     rel = newest.layout.optimizer_subdir
     if optimizer == "drop":
         return
     if rel is None:
         raise PMAError(f"{newest.label}: --optimizer {optimizer}: the optimizer state beside safetensors weights "
                        "(a Hugging Face Trainer's optimizer.pt) is not merged; use --optimizer drop")
-    if optimizer == "average":
-        raise PMAError(f"{newest.label}: --optimizer average: the optimizer state in {rel}/ is not averaged; use "
-                       "--optimizer keep-last-moments (merged weights, the newest's moments) or drop")
     if not (newest.root / rel).is_dir():
         raise PMAError(f"{newest.label}: no {rel}/ (saved without its optimizer); use --optimizer drop")
 
@@ -292,8 +294,9 @@ def staging_dirs(plan: Plan) -> list[Path]:
 
 
 def write(plan: Plan, data: Path, group, *, allow_nonfinite: bool, progress, fsync: bool,
-          threads: int | None = None) -> tuple[dict]:
-    """This rank's tensors, written in place: ({file: bytes written},)."""
+          threads: int | None = None) -> tuple[dict, dict, dict]:
+    """This rank's tensors, written in place, and its share of an averaged DCP optimizer:
+    ({file: bytes written}, {chunk: storage info}, {file: sha256})."""
     mine = _my_jobs(plan.jobs, group.rank, group.world)
     update, close_bar = progress(sum(j.nbytes for j in mine))
     files, scratch, written = _Files(), slab_math.Scratch(), {}
@@ -310,30 +313,43 @@ def write(plan: Plan, data: Path, group, *, allow_nonfinite: bool, progress, fsy
     finally:
         files.close()
         close_bar()
-    return (written,)
+    if plan.optim is None:
+        return written, {}, {}
+    storage, digests = dcp_optimizer.write(plan.optim, _optim_out(plan, data), group,
+                                           allow_nonfinite=allow_nonfinite, fsync=fsync)
+    return written, storage, digests
 
 
-def fields(plan: Plan, written: dict) -> dict:
+def _optim_out(plan: Plan, data: Path) -> Path:
+    """Where the output's DCP optimizer goes: beside the weights, as in the newest input."""
+    top = data
+    for _ in Path(plan.newest.layout.data_subdir).parts:  # up to the output's top
+        top = top.parent
+    return top / plan.newest.layout.optimizer_subdir / dcp_optimizer.DCP_DIR
+
+
+def fields(plan: Plan, written: dict, storage: dict, digests: dict) -> dict:
     """What this format adds to pma_provenance.json."""
     out = dict(format=NAME, files=len(plan.newest.checkpoint.files), tensors=plan.tensors,
                tensors_averaged=plan.merged)
     rel = plan.newest.layout.optimizer_subdir
     if rel and (plan.newest.root / rel).is_dir():
-        out["optimizer_state"] = (f"{rel}/: the newest input's" if plan.optimizer == "keep-last-moments"
-                                  else f"{rel}/: left out (--optimizer drop)")
+        out["optimizer_state"] = {
+            "average": f"{rel}/: moments averaged; step counts, param groups, scheduler the newest input's",
+            "keep-last-moments": f"{rel}/: the newest input's",
+            "drop": f"{rel}/: left out (--optimizer drop)"}[plan.optimizer]
     return out
 
 
-def finish(plan: Plan, data: Path, written: dict, left_out: dict) -> None:
-    """Rank 0, after every rank wrote: the newest input's indexes and other files, and with
-    keep-last-moments its optimizer folder (NeMo-RL DTensor: policy/optimizer/)."""
+def finish(plan: Plan, data: Path, written: dict, storage: dict, digests: dict, left_out: dict) -> None:
+    """Rank 0, after every rank wrote: the newest input's indexes and other files; its optimizer
+    folder (NeMo-RL DTensor: policy/optimizer/) averaged or, with keep-last-moments, as it is."""
     _copy_rest(plan.newest.path, data, set(left_out), set(plan.newest.checkpoint.files))
-    rel = plan.newest.layout.optimizer_subdir
-    if rel and plan.optimizer == "keep-last-moments":
-        stage = data
-        for _ in Path(plan.newest.layout.data_subdir).parts:  # up to the output's top
-            stage = stage.parent
-        shutil.copytree(plan.newest.root / rel, stage / rel, symlinks=True)
+    if plan.optim is not None:
+        dcp_optimizer.finish(plan.optim, _optim_out(plan, data), storage, digests)
+    elif plan.optimizer == "keep-last-moments" and plan.newest.layout.optimizer_subdir:
+        out = _optim_out(plan, data).parent
+        shutil.copytree(plan.newest.root / plan.newest.layout.optimizer_subdir, out, symlinks=True)
 
 
 def _copy_rest(src: Path, dst: Path, left_out: set[str], tensor_files: set[str], rel: Path = Path(".")) -> None:
@@ -349,9 +365,10 @@ def _copy_rest(src: Path, dst: Path, left_out: set[str], tensor_files: set[str],
             shutil.copy2(entry.path, dst / entry.name)
 
 
-def summary(plan: Plan, output: Path, written: dict) -> tuple[int, int]:
-    """(tensor bytes written, tensors) for the result."""
-    return sum(j.nbytes for j in plan.jobs if j.name is not None), plan.tensors
+def summary(plan: Plan, output: Path, written: dict, storage: dict, digests: dict) -> tuple[int, int]:
+    """(tensor bytes written, tensors) for the result (an averaged optimizer's bytes included)."""
+    optim = sum(j.nbytes for j in plan.optim.jobs) if plan.optim else 0
+    return sum(j.nbytes for j in plan.jobs if j.name is not None) + optim, plan.tensors
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,17 +96,25 @@ def _tiny_llama(seed: int):
 
 
 def make_dtensor_steps(ckpt_dir: Path, steps=STEPS) -> list[Path]:
+    """Weights by save_pretrained; the optimizer as Automodel's save_optimizer writes it: torch's
+    flattened optimizer state dict (get_optimizer_state_dict) under "optim", saved with DCP."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     out = []
     for i, step in enumerate(steps):
         step_dir = ckpt_dir / f"step_{step}"
         _step_files(step_dir, step, "dtensor")
         model = _tiny_llama(i)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(i + 1):  # moments and step counts differ between steps
+            ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(i))
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
         model.save_pretrained(step_dir / "policy" / "weights" / "model", max_shard_size="20KB")
-        opt = {"optim": {"state": {k: {"exp_avg": torch.zeros_like(v, dtype=torch.float32)}
-                                   for k, v in list(model.state_dict().items())[:2]}}}
-        dcp.save(opt, checkpoint_id=str(step_dir / "policy" / "optimizer" / "optim"), no_dist=True)
+        osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        dcp.save({"optim": osd}, checkpoint_id=str(step_dir / "policy" / "optimizer" / "optim"), no_dist=True)
         out.append(step_dir)
     return out
 
@@ -173,7 +181,7 @@ def test_merge_megatron_backend_save_dir_into_a_step_folder(megatron_steps, opti
     assert [i["iteration"] for i in prov["inputs"]] == list(STEPS) and prov["optimizer"] == optimizer
 
 
-@pytest.mark.parametrize("optimizer", ["drop", "keep-last-moments"])
+@pytest.mark.parametrize("optimizer", ["drop", "keep-last-moments", "average"])
 def test_merge_dtensor_backend_into_a_step_folder_that_loads_back(dtensor_steps, optimizer):
     root = dtensor_steps[0].parent
     before = tree_digest(root)
@@ -189,9 +197,16 @@ def test_merge_dtensor_backend_into_a_step_folder_that_loads_back(dtensor_steps,
     said = json.loads((out / "pma_provenance.json").read_text())["optimizer_state"]
     if optimizer == "drop":  # left out, and said so
         assert not (out / "policy" / "optimizer").exists() and "left out" in said
-    else:  # the newest step's moments and step counts, as saved (no fp32 weight copy in them)
+    elif optimizer == "keep-last-moments":  # the newest step's moments and step counts, as saved
         assert tree_digest(out / "policy" / "optimizer") == tree_digest(dtensor_steps[-1] / "policy" / "optimizer")
         assert "newest" in said
+    else:  # moments averaged, step counts the newest's; torch's DCP reads it back
+        states = [ckpt_factory.load_full_tensors(s / "policy/optimizer/optim") for s in dtensor_steps]
+        ref = reference_merge(states, [1 / 3] * 3)
+        ref.update({k: v for k, v in states[-1].items() if k.endswith(".step")})
+        assert any(k.endswith(".exp_avg_sq") for k in ref) and {v.item() for k, v in ref.items() if k.endswith(".step")} == {3}
+        assert_tensors_close(ckpt_factory.load_full_tensors(out / "policy/optimizer/optim"), ref)
+        assert "averaged" in said
     for rel in ("config.yaml", "training_info.json", "train_dataloader.pt", "policy/tokenizer",
                 "policy/weights/model/config.json", "policy/weights/model/model.safetensors.index.json"):
         assert tree_digest(out / rel) == tree_digest(dtensor_steps[-1] / rel), rel
@@ -231,9 +246,10 @@ def _bad_save_dir_with_both_backends(steps, tmp):
     return ["--save-dir", steps[0].parent, "--num-models", "2"], "holds steps of two NeMo-RL backends"
 
 
-def _bad_dtensor_optimizer_average(steps, tmp):
+def _bad_dtensor_optimizer_average_without_one(steps, tmp):
     other = make_dtensor_steps(tmp / "other", steps=(40, 50))
-    return ["--optimizer", "average", *other], "policy/optimizer/ is not averaged"
+    shutil.rmtree(other[0] / "policy" / "optimizer" / "optim")
+    return ["--optimizer", "average", *other], "step_40: no policy/optimizer/optim/.metadata"
 
 
 def _bad_dtensor_keep_moments_without_optimizer(steps, tmp):
@@ -243,7 +259,7 @@ def _bad_dtensor_keep_moments_without_optimizer(steps, tmp):
 
 
 @pytest.mark.parametrize("case", [_bad_tmp_step_named, _bad_mixed_backends, _bad_save_dir_with_both_backends,
-                                  _bad_dtensor_optimizer_average,
+                                  _bad_dtensor_optimizer_average_without_one,
                                   _bad_dtensor_keep_moments_without_optimizer])
 def test_bad_nemo_rl_input(case, megatron_steps, tmp_path):
     args, expected = case(megatron_steps, tmp_path)
