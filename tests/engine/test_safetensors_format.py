@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import REPO, assert_tensors_close, cli, reference_merge, tree_digest
 from megatron_pma import layouts, schedules
+from megatron_pma.checkpoint import safetensors_file
+from megatron_pma.errors import PMAError
 from megatron_pma.layouts import hugging_face
 
 transformers = pytest.importorskip("transformers")
@@ -250,11 +253,6 @@ def test_optimizer_modes_other_than_drop_are_refused(hf_run, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The reader on damaged files: a one-line PMAError, never another exception
 
-
-from hypothesis import given, strategies as st  # noqa: E402
-
-from megatron_pma.checkpoint import safetensors_file  # noqa: E402
-from megatron_pma.errors import PMAError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
