@@ -3,6 +3,7 @@
     python benchmarks/merge_bench.py [--layout synthetic|gpt-tp2|both] [--size-gib 1.0] [--k 4]
         [--dtype fp32|bf16] [--cache /tmp/pma-bench-cache] [--repeat 3] [--skip-naive]
         [--skip-nofsync] [--rebuild] [--cache-max-gib 12]
+    python benchmarks/merge_bench.py --safetensors [--size-gib 1.0] [--k 4] [--dtype fp32|bf16] [--repeat 3]
 
 Layouts (k checkpoints of >= SIZE GiB each, built once under --cache and reused by later runs):
   synthetic  plain DCP saves (one process) with GPT key names: stacked [layers, ...] layer keys,
@@ -393,6 +394,154 @@ def report(layout: str, res: dict, args) -> None:
         print(f"naive vs ours/1: {b['naive'][0] / w1:.2f}x the time, {b['naive'][1] / r1:.2f}x the memory")
 
 
+# ---------------------------------------------------------------------------------------------
+# safetensors: Hugging Face checkpoints of one run (python benchmarks/merge_bench.py --safetensors)
+
+
+SAFETENSORS_SHARDS = 4
+
+
+def safetensors_inputs(root: Path, k: int, gib: float, dtype: str) -> dict:
+    """k ``iter_*`` folders laid out as ``save_pretrained`` shards a model: model-0000j-of-00004
+    .safetensors + model.safetensors.index.json (written by ``safetensors.torch.save_file``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    hidden = 1024 if gib >= 0.5 else 256
+    shape = (4 * hidden, hidden)
+    n = max(SAFETENSORS_SHARDS, math.ceil(gib * GIB / (ITEMSIZE[dtype] * math.prod(shape))))
+    names = [f"model.layers.{i // 2}.mlp.{'up' if i % 2 == 0 else 'down'}_proj.weight" for i in range(n)]
+    files = [f"model-{j + 1:05d}-of-{SAFETENSORS_SHARDS:05d}.safetensors" for j in range(SAFETENSORS_SHARDS)]
+    for i in range(k):
+        g = torch.Generator().manual_seed(i)
+        d = root / f"iter_{(i + 1) * 1000:07d}"
+        d.mkdir()
+        weight_map = {}
+        for j, file in enumerate(files):
+            part = names[j::SAFETENSORS_SHARDS]
+            save_file({name: torch.randn(shape, generator=g).to(dt) for name in part}, d / file,
+                      metadata={"format": "pt"})
+            weight_map.update({name: file for name in part})
+        index = {"metadata": {"total_size": n * math.prod(shape) * ITEMSIZE[dtype]}, "weight_map": weight_map}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": hidden}))
+    return {"model": f"{n} tensors {list(shape)} in {SAFETENSORS_SHARDS} shards + index, save_pretrained naming"}
+
+
+BUILDERS["safetensors"] = safetensors_inputs
+
+NAIVE_SAFETENSORS = r"""
+import json, os, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+inputs, out = [Path(p) for p in sys.argv[1:-1]], Path(sys.argv[-1])
+acc, layout = None, {}
+for p in inputs:  # whole checkpoints, one after the other: load_file every shard
+    sd = {}
+    for f in sorted(p.glob("*.safetensors")):
+        part = load_file(f)
+        layout[f.name] = list(part)
+        sd.update(part)
+    if acc is None:
+        acc = {k: v.float() / len(inputs) for k, v in sd.items()}
+    else:
+        for k, v in sd.items():
+            acc[k] += v.float() / len(inputs)
+    dtypes = {k: v.dtype for k, v in sd.items()}
+    del sd
+out.mkdir()
+for name, keys in layout.items():  # save_file per shard, fsynced like ours
+    save_file({k: acc[k].to(dtypes[k]) for k in keys}, out / name, metadata={"format": "pt"})
+    fd = os.open(out / name, os.O_RDONLY); os.fsync(fd); os.close(fd)
+"""
+
+
+def bench_safetensors(inputs: list[Path], info: dict, work: Path, args) -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    files = data_files(inputs)
+    in_bytes = sum(os.path.getsize(f) for f in files)
+    out_bytes = du(inputs[-1])
+    print(f"[safetensors] k={len(inputs)} x {in_bytes / len(inputs) / GIB:.2f} GiB {args.dtype}: {info['model']}",
+          flush=True)
+    resident: list = []
+    best: dict[str, tuple] = {}
+
+    def ours(nproc: int) -> tuple[float, float, float]:
+        out = work / f"st-out{nproc}"
+        shutil.rmtree(out, ignore_errors=True)
+        warm(files, resident)
+        wall, rss = timed([sys.executable, "-m", "megatron_pma", "merge", *map(str, inputs), "--output", str(out),
+                           "--quiet", "--workers", str(nproc)], env)
+        return wall, rss, json.loads((out / "pma_provenance.json").read_text())["seconds"]
+
+    ours(1)  # warm-up
+    for r in range(args.repeat):
+        warm(files, resident)
+        read_s, _ = timed(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
+        floor_file = work / "floor.bin"
+        write_s, _ = timed(["sh", "-c", f"head -c {out_bytes} /dev/zero > {floor_file} && sync {floor_file}"])
+        floor_file.unlink()
+        best["floor"] = min(best.get("floor", (math.inf,)), (read_s + write_s, read_s, write_s))
+        for nproc in (1, 2):
+            v = ours(nproc)
+            old = best.get(f"ours{nproc}")
+            best[f"ours{nproc}"] = v if old is None else (min(old[0], v[0]), max(old[1], v[1]), min(old[2], v[2]))
+        for f in (work / "st-out1").glob("*.safetensors"):
+            if not filecmp.cmp(f, work / "st-out2" / f.name, shallow=False):
+                raise SystemExit(f"[safetensors] 1 and 2 processes wrote different bytes ({f.name})")
+        merged_bytes = du(work / "st-out1")
+        shutil.rmtree(work / "st-out1"), shutil.rmtree(work / "st-out2")
+        print(f"[safetensors] round {r + 1}/{args.repeat}: floor {best['floor'][0]:.2f} s, ours/1 "
+              f"{best['ours1'][0]:.2f} s, --workers 2 {best['ours2'][0]:.2f} s (best so far)", flush=True)
+    if not args.skip_naive:
+        warm(files, resident)
+        best["naive"] = timed([sys.executable, "-c", NAIVE_SAFETENSORS, *map(str, inputs), str(work / "st-naive")], env)
+        shutil.rmtree(work / "st-naive")
+    known = [f for f in resident if f is not None]
+    return dict(best=best, resident=min(known) if known else None, in_bytes=in_bytes, merged_bytes=merged_bytes,
+                k=len(inputs), largest=4 * 1024 * 1024 * ITEMSIZE[args.dtype])
+
+
+def report_safetensors(res: dict, args) -> None:
+    b = res["best"]
+    floor, read_s, write_s = b["floor"]
+    print(f"\n== safetensors: k={res['k']} x {res['in_bytes'] / res['k'] / GIB:.2f} GiB {args.dtype} "
+          f"(save_pretrained shards); best of {args.repeat} round(s), warm page cache ==")
+    print(f"{'':42s} {'wall s':>7s} {'x floor':>8s} {'engine s':>9s} {'eng x fl':>9s} {'RSS MiB/proc':>13s}")
+    rows = [(f"I/O floor (read {read_s:.2f} + write {write_s:.2f})", floor, None, None),
+            ("megatron-pma merge, 1 process", b["ours1"][0], b["ours1"][1], b["ours1"][2]),
+            ("megatron-pma merge, --workers 2", b["ours2"][0], b["ours2"][1], b["ours2"][2])]
+    if "naive" in b:
+        rows.append(("naive load_file / average / save_file", b["naive"][0], b["naive"][1], None))
+    for name, wall, rss, engine in rows:
+        print(f"{name:42s} {wall:7.2f} {wall / floor:8.2f} " + (f"{engine:9.2f} {engine / floor:9.2f} " if engine
+              else f"{'':9s} {'':9s} ") + (f"{rss:13.0f}" if rss else ""))
+    cached = "unknown" if res["resident"] is None else f"{100 * res['resident']:.1f} %"
+    w1 = b["ours1"][0]
+    print(f"input {res['in_bytes'] / GIB:.2f} GiB (least resident before a timed run: {cached}), merged output "
+          f"{res['merged_bytes'] / GIB:.2f} GiB; 1 and 2 processes wrote identical bytes; target 1 process <= 1.3x "
+          f"floor: {w1 / floor:.2f}x end to end ({'yes' if w1 <= 1.3 * floor else 'NO'}), "
+          f"{b['ours1'][2] / floor:.2f}x engine" + (f"; naive vs ours/1: {b['naive'][0] / w1:.2f}x the time, "
+                                                    f"{b['naive'][1] / b['ours1'][1]:.2f}x the memory" if "naive" in b else ""))
+
+
+def main_safetensors(args) -> None:
+    cache = args.cache.resolve()
+    name = f"safetensors-{args.dtype}-{args.gib:g}gib-k{args.k}"
+    work = cache / f"work-{os.getpid()}"
+    try:
+        inputs, info = cached_inputs(cache, "safetensors", args.k, args.gib, args.dtype, args.rebuild,
+                                     args.cache_max_gib, {name})
+        work.mkdir(parents=True, exist_ok=True)
+        res = bench_safetensors(inputs, info, work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"\n{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end")
+    report_safetensors(res, args)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layout", choices=["synthetic", "gpt-tp2", "both"], default="both")
@@ -408,7 +557,11 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="measurement rounds; the best is reported (default 3)")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip-nofsync", action="store_true", help="skip the CPU-bound (--no-fsync) runs")
+    ap.add_argument("--safetensors", action="store_true",
+                    help="benchmark Hugging Face safetensors checkpoints instead (k x SIZE, 4 shards + index)")
     args = ap.parse_args()
+    if args.safetensors:
+        return main_safetensors(args)
     layouts = ["synthetic", "gpt-tp2"] if args.layout == "both" else [args.layout]
     cache = args.cache.resolve()
     names = {f"{lay}-{args.dtype}-{args.gib:g}gib-k{args.k}" for lay in layouts}

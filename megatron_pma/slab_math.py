@@ -14,6 +14,8 @@ caller-owned buffers; nothing here allocates per slab.
 
 from __future__ import annotations
 
+from typing import Callable, Iterator, Sequence
+
 import ml_dtypes
 import numpy as np
 
@@ -87,3 +89,39 @@ class Scratch:
             self._out = np.empty(0, dtype=np.uint8)  # free the old buffer first
             self._out = np.empty(nbytes, dtype=np.uint8)
         return self._out[:nbytes]
+
+
+def weighted_slabs(read: Callable[[int, np.ndarray, int], None], weights: Sequence[float], dtype: DType,
+                   numel: int, slab: int, scratch: Scratch, check: bool,
+                   on_nonfinite: Callable[[int, int], None]) -> Iterator[np.ndarray]:
+    """sum_i w_i * x_i of one tensor, yielded ``slab`` elements at a time as raw bytes of ``dtype``
+    (each valid until the next is asked for), whatever stores the inputs: ``read(i, buf, first)``
+    fills ``buf`` with elements [first, first + buf.size) of input i (raw view);
+    ``on_nonfinite(first, n)`` raises when ``check`` finds a NaN/Inf in the sum.
+
+    fp32 / fp64: the first input is read straight into the accumulator; the others are widened
+    into one reused buffer and added with their weight; the sum is narrowed back."""
+    raw_t, acc_t = raw_dtype(dtype), acc_dtype(dtype)
+    in_place = raw_t == acc_t
+    for first in range(0, numel, slab):
+        n = min(slab, numel - first)
+        acc = scratch.get(acc_t, n, "acc")
+        raw = scratch.get(raw_t, n, "raw")
+        wide = raw if in_place else scratch.get(acc_t, n, "wide")
+        for i, w in enumerate(weights):
+            read(i, acc if (i == 0 and in_place) else raw, first)
+            if not in_place:
+                widen(raw, dtype, acc if i == 0 else wide)
+            if i == 0:
+                np.multiply(acc, w, out=acc)
+            else:
+                np.multiply(wide, w, out=wide)
+                np.add(acc, wide, out=acc)
+        finite = all_finite(acc) if (check or not in_place) else True  # narrow() wants to know
+        if check and not finite:
+            on_nonfinite(first, n)
+        if in_place:
+            yield acc
+        else:
+            narrow(acc, dtype, raw, scratch.get(np.dtype(np.uint32), n, "bits"), finite)
+            yield raw

@@ -27,6 +27,10 @@ def describe_checkpoint(path: Path) -> dict:
         from megatron_pma.formats import legacy_torch as legacy_merge
 
         return legacy_merge.describe(path)
+    from megatron_pma.formats import safetensors as st_format
+
+    if st_format.detect(path):  # Hugging Face folders, NeMo-RL DTensor steps
+        return st_format.describe(path)
     ckpt = load_input(path)
     data = ckpt.path  # the torch_dist files (a NeMo 2 checkpoint's weights/)
     state = read_common_state(data, ckpt.metadata)
@@ -67,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
     path = args.path
     if not path.exists():
         raise PMAError(f"{path}: no such file or directory")
-    if is_complete(path) or (path / ".metadata").exists() or nemo.root_of(path) is not None:
+    from megatron_pma.formats import safetensors as st_format
+    from megatron_pma.layouts import nemo_rl
+
+    if (is_complete(path) or (path / ".metadata").exists() or nemo.root_of(path) is not None
+            or st_format.detect(path) or nemo_rl.step_root(path) is not None):
         infos = [describe_checkpoint(path)]
         tracker, listing = None, False
     else:

@@ -18,7 +18,7 @@ WORKERS_ENV = "MEGATRON_PMA_WORKERS"  # e.g. 1 on a shared login node
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="*", type=Path, help="checkpoint dirs (any order; sorted by iteration)")
-    p.add_argument("--save-dir", type=Path, help="pick the window from this save dir (Megatron-LM, Megatron-Bridge, or NeMo 2 checkpoints/) instead")
+    p.add_argument("--save-dir", type=Path, help="pick the window from this save dir (Megatron-LM, Megatron-Bridge, NeMo 2 checkpoints/, a NeMo-RL checkpoint dir, or a folder of Hugging Face checkpoint-N dirs) instead")
     p.add_argument("--up-to-iteration", type=int, default=None, help="window ends at or before this iteration")
     p.add_argument("--output", "-o", type=Path, required=True,
                    help="new checkpoint dir; named iter_XXXXXXX it also updates its parent's tracker")

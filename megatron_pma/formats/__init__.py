@@ -49,8 +49,13 @@ class Format:
 # Most specific first; torch_dist takes whatever is left (and names what is wrong with it).
 FORMATS: tuple[Format, ...] = (
     Format("torch", "megatron_pma.formats.legacy_torch", legacy.is_legacy_checkpoint),
+    Format("safetensors", "megatron_pma.formats.safetensors", lambda path: _safetensors().detect(path)),
     Format("torch_dist", "megatron_pma.formats.torch_dist", lambda path: True),
 )
+
+
+def _safetensors() -> ModuleType:  # torch-free and cheap to import: asked on every merge
+    return importlib.import_module("megatron_pma.formats.safetensors")
 
 
 def of_inputs(inputs: Sequence[str | Path]) -> Format:

@@ -18,6 +18,7 @@ from megatron_pma.checkpoint.common_state import consumed_tokens, read_common_st
 from megatron_pma.checkpoint.discovery import (
     TRACKER,
     is_complete,
+    iter_dir_name,
     iteration_from_name,
     read_tracker,
 )
@@ -78,6 +79,9 @@ class Layout:
 
     # Where a checkpoint's tensor files sit inside it (NeMo 2: "weights"), the merge's output too.
     data_subdir = ""
+    # Optimizer state kept beside the tensor folder in a format of its own (NeMo-RL's DTensor
+    # backend: "policy/optimizer"); None where it lives with the tensors or nowhere.
+    optimizer_subdir: str | None = None
 
     def check_output(self, output: Path, newest_iteration: int, trackers: bool) -> None:
         """Refuse, before anything is written, an output this layout could not point a trainer at."""
@@ -123,6 +127,10 @@ class Layout:
     def trackers(self) -> tuple[str, ...]:
         """The tracker files this layout writes (to clean up after a killed write)."""
         return (TRACKER,)
+
+    def output_name(self, iteration: int) -> str:
+        """What the watcher names the merge of the window ending at ``iteration`` (NeMo-RL: step_N)."""
+        return iter_dir_name(iteration)
 
 
 def has_file(path: Path, name: str) -> bool:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_pma.errors import PMAError
-from megatron_pma.layouts import bridge, megatron_lm, nemo2
+from megatron_pma.layouts import bridge, hugging_face, megatron_lm, nemo2, nemo_rl
 from megatron_pma.layouts.base import Layout
 
 # Most specific first: the first that owns a path wins; Megatron-LM owns whatever is left.
-LAYOUTS: tuple[Layout, ...] = (nemo2.LAYOUT, bridge.LAYOUT, megatron_lm.LAYOUT)
+LAYOUTS: tuple[Layout, ...] = (*nemo_rl.LAYOUTS, nemo2.LAYOUT, bridge.LAYOUT, hugging_face.LAYOUT, megatron_lm.LAYOUT)
 
 
 def of_checkpoint(path: Path) -> Layout:

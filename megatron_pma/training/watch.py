@@ -96,18 +96,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def output_for(output_root: Path, iteration: int) -> Path:
-    return Path(output_root) / f"iter_{iteration:07d}"
+def output_for(output_root: Path, iteration: int, layout=None) -> Path:
+    """``layout``: the save dir's, which names its merges (default iter_XXXXXXX)."""
+    return Path(output_root) / (layout.output_name(iteration) if layout else f"iter_{iteration:07d}")
 
 
-def merged(output_root: Path, iteration: int) -> bool:
+def merged(output_root: Path, iteration: int, layout=None) -> bool:
     """The output of the window ending at ``iteration`` exists (published => complete)."""
     from megatron_pma import layouts
-    from megatron_pma.checkpoint import discovery
 
-    out = output_for(output_root, iteration)
-    # legacy outputs too; a NeMo 2 output holds its tensors in weights/
-    return out.is_dir() and discovery.is_complete(out / layouts.of_checkpoint(out).data_subdir)
+    out = output_for(output_root, iteration, layout)
+    # legacy outputs too; a NeMo 2 output holds its tensors in weights/, a NeMo-RL one in policy/
+    return out.is_dir() and layouts.of_checkpoint(out).is_complete(out)
 
 
 def final_checkpoints(save_dir: Path, ignore_tracker: bool) -> list[tuple[int, Path]]:
@@ -180,12 +180,18 @@ class Watcher:
             self._once(("none",), f"waiting for a final checkpoint in {self.save_dir}")
             return []
         ends = [it for it, _ in ckpts]
-        if merged(self.output_root, ends[-1]):
+        if merged(self.output_root, ends[-1], self.layout()):
             # A merge killed between its publish and its tracker write left the tracker behind.
-            _advance_tracker(self.output_root, ends[-1])
+            _advance_tracker(self.output_root, ends[-1], self.layout())
         if not self.backfill:
             ends = ends[-1:]
-        return [it for it in ends if not merged(self.output_root, it) and it not in self.failed]
+        return [it for it in ends if not merged(self.output_root, it, self.layout()) and it not in self.failed]
+
+    def layout(self):
+        """The save dir's layout (it names the outputs); asked once the save dir has checkpoints."""
+        from megatron_pma import layouts
+
+        return layouts.of_save_dir(self.save_dir)
 
     def poll(self) -> int:
         """Merge what is pending; returns the number of failed merges."""
@@ -204,11 +210,11 @@ class Watcher:
         for end in ends:
             if self.stop.is_set():
                 break
-            if publish.in_flight(output_for(self.output_root, end)):
+            if publish.in_flight(output_for(self.output_root, end, self.layout())):
                 # Another live merge builds this output (e.g. the child of a watcher that was
                 # killed, still running): let it finish; if it dies, a later poll merges.
                 self._once(("busy", end), f"iteration {end}: a merge into "
-                            f"{output_for(self.output_root, end)} is already running; waiting for it")
+                            f"{output_for(self.output_root, end, self.layout())} is already running; waiting for it")
                 continue
             try:
                 window = plan_window(self.save_dir, end, self.wkw, self.ignore_tracker)
@@ -223,7 +229,7 @@ class Watcher:
 
     # -- one merge ---------------------------------------------------------------------------
     def merge(self, end: int, window: list[Path]) -> bool:
-        out = output_for(self.output_root, end)
+        out = output_for(self.output_root, end, self.layout())
         self.output_root.mkdir(parents=True, exist_ok=True)
         # threads=1: a legacy merge must not take every core of a node that trains
         req = {"inputs": [str(p) for p in window], "output": str(out), "nice": self.nice,
@@ -241,7 +247,7 @@ class Watcher:
             r.start()
         while proc.poll() is None:
             if self.stop.wait(0.1):
-                self._abort(proc, out)
+                self._abort(proc, out, end)
                 return True  # not a failure: we were asked to stop
         for r in readers:
             r.join()
@@ -271,7 +277,7 @@ class Watcher:
             raise PMAError(err)
         return False
 
-    def _abort(self, proc: subprocess.Popen, out: Path) -> None:
+    def _abort(self, proc: subprocess.Popen, out: Path, end: int) -> None:
         """Stop the merge in flight and remove what it staged."""
         log(f"stopping: terminating the merge for {out.name}")
         for sig in (signal.SIGTERM, signal.SIGCONT):  # CONT: a stopped child must see TERM
@@ -288,9 +294,9 @@ class Watcher:
                 pass
             proc.wait()
         _cleanup_staging(out, proc.pid)
-        if merged(out.parent, int(out.name[5:])):
+        if merged(out.parent, end, self.layout()):
             # Killed after its atomic rename: the output is whole; finish the tracker update.
-            _advance_tracker(out.parent, int(out.name[5:]))
+            _advance_tracker(out.parent, end, self.layout())
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, once: bool = False) -> int:
@@ -309,11 +315,11 @@ class Watcher:
         return 1 if failures else 0
 
 
-def _advance_tracker(root: Path, iteration: int) -> None:
+def _advance_tracker(root: Path, iteration: int, save_layout=None) -> None:
     """Point the outputs' save dir at a published merge (all the trackers of its layout)."""
     from megatron_pma import layouts
 
-    out = output_for(root, iteration)
+    out = output_for(root, iteration, save_layout)
     layout = layouts.of_checkpoint(out)
     try:
         cur = layout.read_tracker(root)
