@@ -93,15 +93,17 @@ class Scratch:
 
 def weighted_slabs(read: Callable[[int, np.ndarray, int], None], weights: Sequence[float], dtype: DType,
                    numel: int, slab: int, scratch: Scratch, check: bool,
-                   on_nonfinite: Callable[[int, int], None]) -> Iterator[np.ndarray]:
+                   on_nonfinite: Callable[[int, int], None], out_dtype: DType | None = None) -> Iterator[np.ndarray]:
     """sum_i w_i * x_i of one tensor, yielded ``slab`` elements at a time as raw bytes of ``dtype``
     (each valid until the next is asked for), whatever stores the inputs: ``read(i, buf, first)``
     fills ``buf`` with elements [first, first + buf.size) of input i (raw view);
     ``on_nonfinite(first, n)`` raises when ``check`` finds a NaN/Inf in the sum.
 
     fp32 / fp64: the first input is read straight into the accumulator; the others are widened
-    into one reused buffer and added with their weight; the sum is narrowed back."""
-    raw_t, acc_t = raw_dtype(dtype), acc_dtype(dtype)
+    into one reused buffer and added with their weight; the sum is narrowed back (to ``out_dtype``
+    when given: --save-dtype)."""
+    out_dtype = out_dtype or dtype
+    raw_t, acc_t, out_t = raw_dtype(dtype), acc_dtype(dtype), raw_dtype(out_dtype)
     in_place = raw_t == acc_t
     for first in range(0, numel, slab):
         n = min(slab, numel - first)
@@ -117,11 +119,16 @@ def weighted_slabs(read: Callable[[int, np.ndarray, int], None], weights: Sequen
             else:
                 np.multiply(wide, w, out=wide)
                 np.add(acc, wide, out=acc)
-        finite = all_finite(acc) if (check or not in_place) else True  # narrow() wants to know
+        finite = all_finite(acc) if (check or out_t != acc_t) else True  # narrow() wants to know
         if check and not finite:
             on_nonfinite(first, n)
-        if in_place:
+        if out_t == acc_t:
             yield acc
-        else:
-            narrow(acc, dtype, raw, scratch.get(np.dtype(np.uint32), n, "bits"), finite)
-            yield raw
+            continue
+        out = raw if out_dtype is dtype else scratch.get(out_t, n, "out")
+        if acc_t != np.float32 and out_dtype.name == "bfloat16":  # fp64 -> fp32 -> bf16, as torch rounds
+            f32 = scratch.get(np.dtype(np.float32), n, "f32")
+            np.copyto(f32, acc, casting="same_kind")
+            acc = f32
+        narrow(acc, out_dtype, out, scratch.get(np.dtype(np.uint32), n, "bits"), finite)
+        yield out

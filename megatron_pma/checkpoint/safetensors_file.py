@@ -147,6 +147,27 @@ def read_index(path: Path) -> dict:
     return index
 
 
+def with_dtypes(file: File, dtypes: dict[str, DType]) -> tuple[bytes, dict[str, int], int]:
+    """``file``'s header with some tensors in another dtype: (the header's bytes, each tensor's
+    new absolute offset, the new file size). Tensor order and ``__metadata__`` stay; the JSON is
+    padded with spaces to a multiple of 8 bytes, as the safetensors library writes it."""
+    with open(file.path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n).decode("utf-8"))
+    names = {v.name: k for k, v in ((k, DType.get(v)) for k, v in DTYPES.items())}
+    pos, placed = 0, {}
+    for t in file.tensors.values():  # in file order
+        dtype = dtypes.get(t.name, t.dtype)
+        nbytes = t.numel * dtype.itemsize
+        header[t.name].update(dtype=names[dtype.name], data_offsets=[pos, pos + nbytes])
+        placed[t.name] = pos
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    base = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {k: base + v for k, v in placed.items()}, base + pos
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """Every safetensors file of one checkpoint folder, checked (headers, data lengths, indexes)."""

@@ -15,6 +15,7 @@ files each time. numpy does the arithmetic; torch is never imported; memory is a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,14 +24,14 @@ from typing import Sequence
 
 import numpy as np
 
-from megatron_pma import layouts, schedules, slab_math
+from megatron_pma import input_order, layouts, schedules, slab_math
 from megatron_pma.checkpoint import safetensors_file as stf, writeback
 from megatron_pma.checkpoint.discovery import check_checkpoint_dir
 from megatron_pma.checkpoint.dcp_types import DType
-from megatron_pma.errors import PMAError
+from megatron_pma.errors import PMAError, UnknownIteration
 from megatron_pma.formats import dcp_optimizer, torch_dist
 from megatron_pma.formats.torch_dist import SLAB_ELEMENTS
-from megatron_pma.names import PROVENANCE_FILE
+from megatron_pma.names import PROVENANCE_FILE, SAVE_DTYPES, is_extra_state
 
 NAME = "safetensors"
 _WRITEBACK_STEP = 16 << 20
@@ -48,7 +49,7 @@ def detect(path: Path) -> bool:
 @dataclass
 class Input:
     path: Path                # the folder holding the .safetensors files
-    iteration: int
+    iteration: int | None     # None: unknown (only with order="given")
     checkpoint: stf.Checkpoint
     root: Path                # the checkpoint dir (a NeMo-RL step_N), or ``path``
     layout: layouts.Layout
@@ -68,10 +69,13 @@ class Job:
 
     file: str                 # relative name
     name: str | None          # tensor name; None for the header
-    offset: int               # where it goes (and where it is in the newest's file of that name)
-    nbytes: int
+    offset: int               # where it goes in the output file
+    nbytes: int               # output bytes
     dtype: DType | None = None
     merge: bool = False
+    src: int = 0              # where it is in the newest input's file
+    out_dtype: DType | None = None   # --save-dtype: written as this (None: as dtype)
+    payload: bytes | None = None     # a rewritten header (--save-dtype), written instead of the newest's
 
 
 @dataclass
@@ -81,20 +85,34 @@ class Plan:
     jobs: list[Job]
     method: str
     optimizer: str
+    sizes: dict[str, int]          # output file sizes
     tensors: int = 0
     merged: int = 0
     optim: torch_dist.MergePlan | None = None   # --optimizer average of a DCP optimizer beside the weights
+    iteration: int | None = None   # the output's
+    warning: str | None = None     # one line for the user (weights vs. inputs typed out of order)
 
     @property
     def newest(self) -> Input:
         return self.inputs[-1]
+
+    @property
+    def restamped(self) -> bool:
+        return self.iteration is not None and self.iteration != self.newest.iteration
+
+    @property
+    def retyped(self) -> bool:
+        """--save-dtype changed some tensor: headers and index sizes are rewritten."""
+        return any(j.out_dtype is not None for j in self.jobs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Planning: every check that can fail runs here, before any output exists.
 
 
-def load_input(path: Path) -> Input:
+def load_input(path: Path, unknown_iteration: bool = False) -> Input:
+    """One input, checked; ``unknown_iteration``: a folder that does not say its step loads with
+    iteration None instead of being refused (``order="given"``)."""
     path = Path(path)
     check_checkpoint_dir(path)
     layout = layouts.of_checkpoint(path)
@@ -104,7 +122,13 @@ def load_input(path: Path) -> Input:
         raise PMAError(f"{path}: mixed checkpoint formats: no {stf.SUFFIX} files in {data}; merge "
                        "checkpoints of one format")
     ckpt = stf.read_checkpoint(data)
-    return Input(data, layout.iteration(root, lambda: None), ckpt, root, layout)
+    try:
+        iteration = layout.iteration(root, lambda: None)
+    except UnknownIteration:
+        if not unknown_iteration:
+            raise
+        iteration = None
+    return Input(data, iteration, ckpt, root, layout)
 
 
 def check_same(inputs: Sequence[Input]) -> None:
@@ -135,9 +159,12 @@ def check_same(inputs: Sequence[Input]) -> None:
 
 def plan(inputs: Sequence[str | Path], group, *, method: str = "sma", alpha: float = 0.2,
          weights: Sequence[float] | None = None, normalize: bool = False, optimizer: str = "drop",
-         num_files: int | None = None, verify_integrity: bool = False) -> Plan:
+         num_files: int | None = None, verify_integrity: bool = False, order: str = "iteration",
+         save_dtype: str = "input", output_iteration: int | None = None,
+         allow_extrapolation: bool = False) -> Plan:
     """The format protocol's planner. ``num_files`` and ``verify_integrity`` do not apply: the
-    files are the newest input's, and safetensors checkpoints have no integrity manifest."""
+    files are the newest input's, and safetensors checkpoints have no integrity manifest. The
+    output's iteration is only recorded: a safetensors folder holds none to rewrite."""
     if not inputs:
         raise PMAError("no input checkpoints given")
     paths = [Path(p) for p in inputs]
@@ -150,28 +177,44 @@ def plan(inputs: Sequence[str | Path], group, *, method: str = "sma", alpha: flo
         seen[real] = p
     # layouts first: steps of two NeMo-RL backends read as "different backends", not "no files"
     layouts.check_same([_Labelled(layouts.of_checkpoint(p), str(p)) for p in paths])
-    loaded = sorted((load_input(p) for p in paths), key=lambda c: c.iteration)
-    for a, b in zip(loaded, loaded[1:]):
-        if a.iteration == b.iteration:
-            raise PMAError(f"{b.label}: duplicate iteration {b.iteration} (also {a.label})")
+    input_order.check_order(order)
+    if save_dtype not in SAVE_DTYPES:
+        raise PMAError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
+    target = DType.get(SAVE_DTYPES[save_dtype]) if SAVE_DTYPES[save_dtype] else None
+    typed = [load_input(p, unknown_iteration=order == "given") for p in paths]
+    loaded = input_order.ordered(typed, order)
     newest = loaded[-1]
     _check_optimizer(newest, optimizer)
-    w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize)
+    w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize,
+                          allow_extrapolation=allow_extrapolation)
+    warning = input_order.weights_warning(typed, loaded, w, order) if weights is not None else None
     check_same(loaded)
-    rel = newest.layout.optimizer_subdir
-    optim = dcp_optimizer.plan(loaded, w, rel, method) if optimizer == "average" else None
-    jobs, n_tensors, n_merged = [], 0, 0
+    optim_rel = newest.layout.optimizer_subdir
+    optim = dcp_optimizer.plan(loaded, w, optim_rel, method) if optimizer == "average" else None
+    jobs, sizes, n_tensors, n_merged = [], {}, 0, 0
     for rel, f in newest.checkpoint.files.items():
-        jobs.append(Job(rel, None, 0, f.header_bytes))
+        retype = {name: target for name, t in f.tensors.items() if _retyped(name, t.dtype, target)}
+        header, offsets, sizes[rel] = (stf.with_dtypes(f, retype) if retype else
+                                       (None, {n: t.offset for n, t in f.tensors.items()}, f.size))
+        jobs.append(Job(rel, None, 0, len(header) if header else f.header_bytes, payload=header))
         for name, t in f.tensors.items():
-            merge = t.dtype.is_floating_point and len(loaded) > 1
+            extra = is_extra_state(name)  # Transformer Engine's FP8 scales: the newest's
+            merge = t.dtype.is_floating_point and len(loaded) > 1 and not extra
             if merge and not slab_math.supported(t.dtype):
                 raise PMAError(f"{f.path}: key {name} is {t.dtype.name}; averaging {t.dtype.name} values "
                                "(each checkpoint scaled its own way) is not supported")
-            jobs.append(Job(rel, name, t.offset, t.nbytes, t.dtype, merge))
+            out_dtype = retype.get(name)
+            jobs.append(Job(rel, name, offsets[name], t.numel * (out_dtype or t.dtype).itemsize, t.dtype,
+                            merge or out_dtype is not None, t.offset, out_dtype))
             n_tensors += 1
             n_merged += merge
-    return Plan(loaded, w, jobs, method, optimizer, n_tensors, n_merged, optim)
+    return Plan(loaded, w, jobs, method, optimizer, sizes, n_tensors, n_merged, optim,
+                output_iteration if output_iteration is not None else newest.iteration, warning)
+
+
+def _retyped(name: str, dtype: DType, target: DType | None) -> bool:
+    """--save-dtype applies to floating weights (not to fp8, integers or extra state)."""
+    return target is not None and dtype is not target and slab_math.supported(dtype) and not is_extra_state(name)
 
 
 def _check_optimizer(newest: Input, optimizer: str) -> None:
@@ -241,11 +284,14 @@ def _write_job(plan: Plan, job: Job, out: Path, files: _Files, scratch: slab_mat
     newest_path = plan.newest.path / job.file
     if not job.merge:  # the header (and the file's full length), or a tensor the newest decides
         if job.name is None:
-            os.ftruncate(ofd, plan.newest.checkpoint.files[job.file].size)
+            os.ftruncate(ofd, plan.sizes[job.file])
+        if job.payload is not None:
+            _pwrite_all(ofd, job.payload, 0)
+            return
         fd = files.fd(newest_path, "r")
-        for pos in range(job.offset, job.offset + job.nbytes, 64 << 20):
-            n = min(64 << 20, job.offset + job.nbytes - pos)
-            _pwrite_all(ofd, os.pread(fd, n, pos), pos)
+        for pos in range(0, job.nbytes, 64 << 20):
+            n = min(64 << 20, job.nbytes - pos)
+            _pwrite_all(ofd, os.pread(fd, n, job.src + pos), job.offset + pos)
         return
     # each input's own offset: headers differ in length (their __metadata__, the tensor order)
     srcs = [(files.fd(c.path / job.file, "r"), c.path / job.file, c.checkpoint.files[job.file].tensors[job.name].offset)
@@ -267,8 +313,8 @@ def _write_job(plan: Plan, job: Job, out: Path, files: _Files, scratch: slab_mat
         raise PMAError(f"{newest_path}: key {job.name}: merged values overflow to Inf")
 
     pos, queued = job.offset, job.offset
-    for slab in slab_math.weighted_slabs(read, plan.weights, job.dtype, job.nbytes // itemsize, SLAB_ELEMENTS,
-                                         scratch, not allow_nonfinite, nonfinite):
+    for slab in slab_math.weighted_slabs(read, plan.weights, job.dtype, job.nbytes // (job.out_dtype or job.dtype).itemsize,
+                                         SLAB_ELEMENTS, scratch, not allow_nonfinite, nonfinite, job.out_dtype):
         _pwrite_all(ofd, slab, pos)
         pos += slab.nbytes
         if pos - queued >= _WRITEBACK_STEP:  # the disk writes while we compute (see writeback)
@@ -345,11 +391,23 @@ def finish(plan: Plan, data: Path, written: dict, storage: dict, digests: dict, 
     """Rank 0, after every rank wrote: the newest input's indexes and other files; its optimizer
     folder (NeMo-RL DTensor: policy/optimizer/) averaged or, with keep-last-moments, as it is."""
     _copy_rest(plan.newest.path, data, set(left_out), set(plan.newest.checkpoint.files))
+    if plan.retyped:  # --save-dtype: the indexes' total_size counts the new bytes
+        for index in plan.newest.checkpoint.indexes:
+            _resize_index(data, index, plan)
     if plan.optim is not None:
         dcp_optimizer.finish(plan.optim, _optim_out(plan, data), storage, digests)
     elif plan.optimizer == "keep-last-moments" and plan.newest.layout.optimizer_subdir:
         out = _optim_out(plan, data).parent
         shutil.copytree(plan.newest.root / plan.newest.layout.optimizer_subdir, out, symlinks=True)
+
+
+def _resize_index(data: Path, rel: str, plan: Plan) -> None:
+    """An index's ``metadata.total_size`` after --save-dtype (shard names are relative to it)."""
+    file = data / rel
+    index = json.loads(file.read_text())
+    shards = {str(Path(rel).parent / f) for f in set(index["weight_map"].values())}
+    index.setdefault("metadata", {})["total_size"] = sum(j.nbytes for j in plan.jobs if j.name and j.file in shards)
+    file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_rest(src: Path, dst: Path, left_out: set[str], tensor_files: set[str], rel: Path = Path(".")) -> None:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from megatron_pma.checkpoint import safetensors_file
-from megatron_pma.errors import PMAError
+from megatron_pma.errors import UnknownIteration
 from megatron_pma.layouts.base import Layout, StateFn
 
 # checkpoint-500, step_500, iter_0000500, global_step500, step=500, 500
@@ -38,8 +38,8 @@ class HuggingFace(Layout):
     def iteration(self, ckpt: Path, state: StateFn) -> int:
         step = step_from_name(ckpt)
         if step is None:
-            raise PMAError(f"{ckpt}: cannot tell its step: name Hugging Face checkpoint folders with their "
-                           "step number (checkpoint-500, step_500, iter_0000500)")
+            raise UnknownIteration(f"{ckpt}: cannot tell its step: name Hugging Face checkpoint folders with "
+                                   "their step number (checkpoint-500, step_500, iter_0000500), or pass --order given")
         return step
 
     def tokens(self, ckpt: Path, iteration: int, tokens_per_iter: int | None) -> int | None:

@@ -286,3 +286,53 @@ def test_a_damaged_header_reads_or_is_refused_in_one_line(small_file, tmp_path_f
         assert "\n" not in str(e) and str(f) in str(e)
     else:  # still a valid file: every tensor inside it
         assert all(t.offset + t.nbytes <= len(data) for t in read.tensors.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# With --save-dtype, --order given, --output-iteration (the options of issue 17)
+
+
+def test_save_dtype_rewrites_headers_and_index_sizes(hf_run, tmp_path):
+    out = tmp_path / "bf16"
+    r = cli("merge", *hf_run, "-o", out, "--save-dtype", "bf16", "-q")
+    assert r.returncode == 0, r.stderr
+    ref = {k: v.to(torch.bfloat16) for k, v in reference_merge([_tensors(c) for c in hf_run], [1 / 3] * 3).items()}
+    merged = _tensors(out)
+    assert {v.dtype for v in merged.values()} == {torch.bfloat16}
+    assert_tensors_close(merged, ref)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.numel() * 2 for v in merged.values())
+    assert index["weight_map"] == json.loads((hf_run[-1] / "model.safetensors.index.json").read_text())["weight_map"]
+    for f in out.glob("*.safetensors"):  # headers keep the newest's metadata
+        with safe_open(f, "pt") as a, safe_open(hf_run[-1] / f.name, "pt") as b:
+            assert a.metadata() == b.metadata()
+    sd = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16).state_dict()
+    for k, v in merged.items():
+        assert torch.equal(sd[k], v), k
+
+
+def test_save_dtype_fp32_widens_bf16_and_keeps_integers(tmp_path):
+    ckpts = _single(tmp_path / "run")
+    out = tmp_path / "out"
+    assert cli("merge", *ckpts, "-o", out, "--save-dtype", "fp32", "-q").returncode == 0
+    ins = [load_file(c / "model.safetensors") for c in ckpts]
+    merged = load_file(out / "model.safetensors")
+    assert merged["w"].dtype == torch.float32 and merged["double"].dtype == torch.float32
+    assert merged["count"].dtype == torch.int64 and torch.equal(merged["count"], ins[-1]["count"])
+    ref = sum(x["w"].double() for x in ins) / 3
+    torch.testing.assert_close(merged["w"].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_order_given_takes_folders_without_numbers(tmp_path):
+    ckpts = _single(tmp_path / "run")
+    named = []
+    for c, name in zip(ckpts, ("first", "second", "third")):
+        c.rename(c.parent / name)
+        named.append(c.parent / name)
+    out = tmp_path / "out"
+    r = cli("merge", *named, "-o", out, "--order", "given", "--method", "custom", "--weights", "0.2,0.3,0.5", "-q")
+    assert r.returncode == 0, r.stderr
+    ins = [load_file(c / "model.safetensors") for c in named]
+    assert_tensors_close(load_file(out / "model.safetensors"), reference_merge(ins, [0.2, 0.3, 0.5]))
+    r = cli("merge", *named, "-o", tmp_path / "out2", "-q")
+    assert r.returncode == 2 and "or pass --order given" in r.stderr
