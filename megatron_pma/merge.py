@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from megatron_pma import formats, output as out
+from megatron_pma import formats, layouts, output as out
 from megatron_pma.checkpoint import publish
 from megatron_pma.checkpoint.discovery import ITER_DIR, iteration_from_name
 from megatron_pma.errors import PMAError
@@ -120,6 +120,8 @@ def _output_iteration(output: Path, explicit: int | None) -> int | None:
 
 def _merge(inputs, output: Path, group: Group, t0: float, schedule: dict, *, force, allow_nonfinite,
            update_tracker, progress, fsync, num_files, verify_integrity, threads) -> MergeResult:
+    for path in inputs:  # before a format is guessed from a save dir's contents
+        layouts.check_is_checkpoint(path)
     fmt = formats.of_inputs(inputs).load()
     plan = fmt.plan(inputs, group, num_files=num_files, verify_integrity=verify_integrity, **schedule)
     layout = plan.newest.layout

@@ -58,14 +58,11 @@ def check_checkpoint_dir(path: Path) -> None:
         raise PMAError(f"{path}: not a directory")
     if not os.access(path, os.R_OK | os.X_OK):
         raise PMAError(f"{path}: permission denied")
-    if is_save_dir(path):
-        raise PMAError(f"{path}: is a save dir, not a checkpoint: use --save-dir {path} "
-                       "(or name a checkpoint inside it)")
 
 
 def is_save_dir(path: Path) -> bool:
     """A run's save dir (its tracker, or ``iter_XXXXXXX`` folders inside) or a NeMo ``checkpoints/``
-    dir, rather than one checkpoint."""
+    dir, rather than one checkpoint (for Megatron-LM's layout: see ``layouts.check_is_checkpoint``)."""
     path = Path(path)
     if (path / dcp.MEGATRON_METADATA_FILE).exists() or legacy.is_legacy_checkpoint(path) \
             or nemo.root_of(path) is not None:

@@ -71,7 +71,7 @@ def auto_workers() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_pma.layouts import select_window
+    from megatron_pma.layouts import check_is_checkpoint, select_window
     from megatron_pma.checkpoint.discovery import check_checkpoint_dir
     from megatron_pma.checkpoint.publish import created_parents
     from megatron_pma.merge import merge_checkpoints
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         inputs = args.checkpoints
         for path in inputs:  # a save dir given here is told to use --save-dir, before anything else
             check_checkpoint_dir(path)
+            check_is_checkpoint(path)
     else:
         raise PMAError("nothing to merge: give checkpoint dirs or --save-dir")
     if len(inputs) == 1 and not args.allow_single:

@@ -6,7 +6,7 @@ and one line in `registry.LAYOUTS`.
 """
 
 from megatron_pma.layouts.base import Layout
-from megatron_pma.layouts.registry import LAYOUTS, check_same, of_checkpoint, of_save_dir
+from megatron_pma.layouts.registry import LAYOUTS, check_is_checkpoint, check_same, of_checkpoint, of_save_dir
 from megatron_pma.layouts.window import list_checkpoints, select_window
 
 __all__ = ["LAYOUTS", "Layout", "check_same", "list_checkpoints", "of_checkpoint", "of_save_dir", "select_window"]

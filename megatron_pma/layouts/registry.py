@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_pma.checkpoint import discovery
 from megatron_pma.errors import PMAError
 from megatron_pma.layouts import bridge, hugging_face, megatron_lm, nemo2, nemo_rl
 from megatron_pma.layouts.base import Layout
@@ -27,3 +28,12 @@ def check_same(checkpoints) -> None:
         if c.layout is not newest.layout:
             raise PMAError(f"{c.label}: a {c.layout.name} checkpoint, but {newest.label} is a "
                            f"{newest.layout.name} one; merge checkpoints of one run")
+
+
+def check_is_checkpoint(path: Path) -> None:
+    """A save dir given where a checkpoint is expected is pointed at ``--save-dir``. A layout that
+    owns the folder as one checkpoint wins (a NeMo-RL ``step_N`` holds a whole Bridge save dir)."""
+    path = Path(path)
+    if path.is_dir() and of_checkpoint(path) is megatron_lm.LAYOUT and discovery.is_save_dir(path):
+        raise PMAError(f"{path}: is a save dir, not a checkpoint: use --save-dir {path} "
+                       "(or name a checkpoint inside it)")
