@@ -171,6 +171,7 @@ def test_save_dtype_legacy_files(legacy_bf16, tmp_path):
 # ------------------------------------------------------------------------------- output iteration
 
 
+@pytest.mark.slow
 def test_output_iteration_in_common_pt(gpt_tp2, tmp_path):
     """megatron-core 0.16.1 (common.pt): an output named iter_0000040 says 40 to megatron-core's
     load_common_state_dict, and the tracker says 40; an explicit --output-iteration too."""
