@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 
 from megatron_pma.checkpoint import torch_pickle
@@ -41,9 +42,15 @@ def stamp_file(path: Path, iteration: int) -> None:
     """Rewrite a ``torch.save`` file of a state dict (``common.pt``) with the new iteration."""
     state, codec = torch_pickle.load(Path(path), mmap=False)
     stamp_state(state, iteration)
-    tmp = Path(path).with_name(Path(path).name + ".stamp")
-    codec.save(state, tmp)
-    os.replace(tmp, path)
+    _save_as(codec, state, Path(path))
+
+
+def _save_as(codec, obj, path: Path) -> None:
+    """Replace ``path``, saved under its own name (torch names the zip's folder after the file:
+    ``common/data.pkl``, as the original)."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".stamp-") as td:
+        codec.save(obj, Path(td) / path.name)
+        os.replace(Path(td) / path.name, path)
 
 
 def stamp_bytes(blob: bytes, iteration: int) -> bytes:
@@ -68,6 +75,4 @@ def stamp_train_state(path: Path, iteration: int) -> None:
     if step is None:
         return
     state["step"] = torch.tensor(iteration, dtype=step.dtype) if isinstance(step, torch.Tensor) else iteration
-    tmp = Path(path).with_name(Path(path).name + ".stamp")
-    codec.save(state, tmp)
-    os.replace(tmp, path)
+    _save_as(codec, state, Path(path))

@@ -5,6 +5,7 @@ Usage (one process, or under ``torchrun``/``srun`` exactly like the script itsel
     python -m megatron_pma.training.megatron_lm pretrain_gpt.py <Megatron-LM args> \\
         --pma-num-models 4 --pma-method ema --pma-alpha 0.2 \\
         [--pma-interval-iters K] [--pma-output-root DIR] [--pma-optimizer drop|average]
+        [--pma-save-dtype input|fp32|bf16|fp16]
 
     torchrun --nproc_per_node 8 -m megatron_pma.training.megatron_lm pretrain_gpt.py ...
 
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_pma import schedules
-from megatron_pma.names import OPTIMIZER_MODES, TRACKER as TRACKER_NAME
+from megatron_pma.names import OPTIMIZER_MODES, SAVE_DTYPES, TRACKER as TRACKER_NAME
 
 _FINALIZE_FN_NAME = "iter_finalize_fn"
 _MARK = "__megatron_pma_wrapped__"
@@ -85,6 +86,8 @@ def _pma_parser() -> argparse.ArgumentParser:
     p.add_argument("--pma-interval-tokens", type=int, default=None,
                    help="spacing of the window's checkpoints in tokens")
     p.add_argument("--pma-optimizer", default="drop", choices=OPTIMIZER_MODES)
+    p.add_argument("--pma-save-dtype", default="input", choices=list(SAVE_DTYPES),
+                   help="dtype of the merged model weights (default input: as saved)")
     p.add_argument("--pma-output-root", default=None,
                    help="where merged checkpoints go (default <save>/pma); one iter_XXXXXXX per merge")
     p.add_argument("--pma-help", action="help", help="show this help and exit")
@@ -448,6 +451,7 @@ class _LazyHook:
                 interval_iters=o.pma_interval_iters,
                 interval_tokens=o.pma_interval_tokens,
                 optimizer=o.pma_optimizer,
+                save_dtype=o.pma_save_dtype,
                 output_root=o.pma_output_root,
             )
         self.hook.on_checkpoint_saved(iteration)

@@ -171,6 +171,7 @@ def test_save_dtype_legacy_files(legacy_bf16, tmp_path):
 # ------------------------------------------------------------------------------- output iteration
 
 
+@pytest.mark.slow
 def test_output_iteration_in_common_pt(gpt_tp2, tmp_path):
     """megatron-core 0.16.1 (common.pt): an output named iter_0000040 says 40 to megatron-core's
     load_common_state_dict, and the tracker says 40; an explicit --output-iteration too."""
@@ -346,3 +347,10 @@ def test_watch_and_hook_take_save_dtype(gpt_tp2, tmp_path):
         assert hook.wait(timeout=300)
     assert [r.status for r in hook.results] == ["ok"], hook.results
     assert _dtypes(tmp_path / "hook" / "iter_0000020") == {torch.bfloat16}
+
+
+def test_megatron_lm_launcher_takes_save_dtype():
+    from megatron_pma.training import megatron_lm
+
+    assert megatron_lm.parse_pma_args(["--pma-num-models", "2", "--pma-save-dtype", "fp32"]).pma_save_dtype == "fp32"
+    assert megatron_lm.parse_pma_args(["--pma-num-models", "2"]).pma_save_dtype == "input"
