@@ -4,11 +4,11 @@ A slab is a run of elements of one stored chunk, held as raw little-endian bytes
 slabs are widened to an accumulator (fp32, or fp64 for fp64 chunks), summed with their weights and
 narrowed back to the stored dtype with round-to-nearest-even, as ``torch.Tensor.to`` does.
 bfloat16 has no numpy dtype of its own: ``ml_dtypes.bfloat16`` gives it one whose casts are single
-compiled passes (3x faster than the shift-based widening written with numpy ufuncs, as fast as the
-five-pass rounding; ``benchmarks/merge_bench.py``). They are torch's bit for bit: widening is exact,
+compiled passes (in a 1 GiB bf16 merge's CPU profile: widening 1.9x faster than a numpy shift,
+rounding 1.5x faster than five numpy integer passes). They are torch's bit for bit: widening is exact,
 and rounding equals torch's rule (c10/util/BFloat16.h: add ``0x7FFF + lsb``, keep the high half) on
-all 2^32 non-NaN fp32 patterns (checked exhaustively once; tests/engine/test_torch_free.py compares
-with torch). NaN -> ``0xFFFF``, as torch's vectorised CPU kernel writes it. Pure functions over
+all 2^32 non-NaN fp32 patterns (checked exhaustively once; tests/engine/test_slab_math.py and
+test_torch_free.py compare with torch). NaN -> ``0xFFFF``, as torch's vectorised CPU kernel writes it. Pure functions over
 caller-owned buffers; nothing here allocates per slab.
 """
 
