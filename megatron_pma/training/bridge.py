@@ -45,13 +45,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_pma.checkpoint.discovery import TRACKER
+from megatron_pma.names import TRACKER, TRAIN_STATE_TRACKER  # noqa: F401 (Bridge's two trackers)
 
 logger = logging.getLogger("megatron_pma.training.bridge")
-
-# Bridge's save-dir tracker: torch.save of the newest TrainState.state_dict() (0-d tensors, "step");
-# its loader reads it before the Megatron-LM .txt tracker.
-TRAIN_STATE_TRACKER = "latest_train_state.pt"
 
 
 def global_rank() -> int:
@@ -66,18 +62,12 @@ def global_rank() -> int:
 
 def tracked_iteration(save_dir: os.PathLike | str) -> Optional[int]:
     """The iteration a Bridge save dir's tracker names (``latest_train_state.pt`` first, as Bridge
-    loads, then ``latest_checkpointed_iteration.txt``); None when neither names one."""
-    save_dir = Path(save_dir)
-    state_file = save_dir / TRAIN_STATE_TRACKER
-    if state_file.is_file():
-        import torch
+    loads, then ``latest_checkpointed_iteration.txt``; read by the engine's Bridge layout, through
+    the restricted unpickler); None when neither names one (or says "release")."""
+    from megatron_pma.layouts import bridge as bridge_layout
 
-        return int(torch.load(state_file, map_location="cpu", weights_only=True)["step"])
-    try:
-        text = (save_dir / TRACKER).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "release": not a training iteration
+    iteration = bridge_layout.LAYOUT.read_tracker(Path(save_dir))
+    return iteration if isinstance(iteration, int) else None
 
 
 class PMACallback:

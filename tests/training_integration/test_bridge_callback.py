@@ -34,6 +34,7 @@ import torch
 import ckpt_factory
 from bridge_site import BridgeUnavailable, install_bridge, load_module
 from conftest import cache_dir, subprocess_env
+from megatron_pma.errors import PMAError
 from megatron_pma.training.bridge import PMACallback, tracked_iteration
 
 
@@ -189,6 +190,9 @@ def test_tracked_iteration_reads_bridge_tracker_first(tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("40\n")
     assert tracked_iteration(tmp_path) == 40
     torch.save(_train_state(50), tmp_path / "latest_train_state.pt")
+    with pytest.raises(PMAError, match="disagree"):  # a save cut between its two trackers
+        tracked_iteration(tmp_path)
+    (tmp_path / "latest_checkpointed_iteration.txt").unlink()
     assert tracked_iteration(tmp_path) == 50
 
 
