@@ -73,7 +73,7 @@ def test_launcher_strips_pma_args_and_runs_script_on_real_0192(mcore_0192_site, 
     [hook] = out["hooks"]
     assert hook == {"save_dir": str(save), "num_models": 3, "method": "ema", "alpha": 0.25,
                     "weights": None, "interval_iters": 10, "interval_tokens": None,
-                    "optimizer": "average", "output_root": str(tmp_path / "merged"),
+                    "optimizer": "average", "save_dtype": "input", "output_root": str(tmp_path / "merged"),
                     "calls": [10, 20, 30], "closed": True}
     for f in out["fired"]:
         assert f["tracker"] == str(f["iteration"]) and f["complete"]
