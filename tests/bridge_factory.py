@@ -68,7 +68,7 @@ def wheel() -> Path:
     return path
 
 
-def _source() -> Path:
+def source() -> Path:
     """The wheel's files, unpacked once into the test cache."""
     def build(tmp: Path) -> None:
         with zipfile.ZipFile(wheel()) as z:
@@ -94,7 +94,7 @@ def bridge() -> types.SimpleNamespace:
     global _BRIDGE
     if _BRIDGE is not None:
         return _BRIDGE
-    root = _source() / "megatron" / "bridge"
+    root = source() / "megatron" / "bridge"
     common = types.ModuleType("megatron.bridge.utils.common_utils")
     common.get_rank_safe, common.get_world_size_safe, common.print_rank_0 = (lambda: 0), (lambda: 1), print
     config_utils = types.ModuleType("megatron.bridge.training.utils.config_utils")

@@ -149,3 +149,14 @@ def pytest_terminal_summary(terminalreporter):
         for name, secs in ckpt_factory.BUILD_TIMES.items():
             cpu = ckpt_factory.BUILD_CPU.get(name, float("nan"))
             terminalreporter.write_line(f"{name}: {secs:.1f} s wall, {cpu:.1f} s CPU")
+
+
+@pytest.fixture(scope="session")
+def bridge(ckpt_cache_root):
+    """Megatron-Bridge 0.6.2's real modules (see bridge_factory.py); skipped when pip cannot fetch them."""
+    import bridge_factory
+
+    try:
+        return bridge_factory.bridge()
+    except bridge_factory.WheelUnavailable as e:
+        pytest.skip(str(e))

@@ -24,14 +24,6 @@ from megatron_pma.merge import optimizer_role
 SAMPLES = {10: 100, 20: 150, 30: 400}  # consumed_train_samples: a batch-size ramp-up
 
 
-@pytest.fixture(scope="module")
-def bridge():
-    try:
-        return bridge_factory.bridge()
-    except bridge_factory.WheelUnavailable as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture
 def save(gpt_tp2, bridge, tmp_path) -> list[Path]:
     return bridge_factory.make_save_dir(gpt_tp2, tmp_path / "save", SAMPLES)

@@ -60,14 +60,6 @@ def _step_files(step_dir: Path, step: int, backend: str) -> None:
     (tok / "tokenizer.json").write_text(json.dumps({"version": f"step-{step}"}))
 
 
-@pytest.fixture(scope="module")
-def bridge():
-    try:
-        return bridge_factory.bridge()
-    except bridge_factory.WheelUnavailable as e:
-        pytest.skip(str(e))
-
-
 def make_megatron_steps(run: list[Path], ckpt_dir: Path) -> list[Path]:
     """step_10/20/30 of the Megatron backend from a real torch_dist run (optimizer included)."""
     steps = []

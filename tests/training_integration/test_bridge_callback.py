@@ -33,7 +33,7 @@ import torch
 
 import ckpt_factory
 from bridge_site import BridgeUnavailable, install_bridge, load_module
-from conftest import cache_dir, subprocess_env
+from conftest import subprocess_env
 from megatron_pma.errors import PMAError
 from megatron_pma.training.bridge import PMACallback, tracked_iteration
 
@@ -41,7 +41,7 @@ from megatron_pma.training.bridge import PMACallback, tracked_iteration
 @pytest.fixture(scope="module")
 def callbacks_mod():
     try:
-        site = install_bridge(cache_dir())
+        site = install_bridge()
     except BridgeUnavailable as e:
         pytest.skip(str(e))
     return load_module(site, "megatron.bridge.training.callbacks")
