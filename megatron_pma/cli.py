@@ -23,7 +23,7 @@ SUBCOMMANDS = {
     "demo": ("megatron_pma.demo", "train a tiny GPT on CPU with PMA on and compare merged vs last vs annealed"),
 }
 
-READS_CHECKPOINTS = ("inspect", "merge", "watch")  # these take --trust-pickles
+READS_CHECKPOINTS = ("inspect", "merge", "watch", "sweep")  # these take --trust-pickles
 
 # Optional dependencies (pyproject's extras): top-level module -> (distribution, extra).
 OPTIONAL = {

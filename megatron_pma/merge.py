@@ -137,7 +137,7 @@ def _merge(inputs, output: Path, group: Group, t0: float, schedule: dict, *, for
     try:
         mine = fmt.write(plan, data, group, allow_nonfinite=allow_nonfinite, fsync=fsync,
                          progress=lambda total: out.make_progress(progress, total),
-                         threads=threads or max(1, (os.cpu_count() or 1) // max(1, _local_world(group))))
+                         threads=threads or max(1, (os.cpu_count() or 1) // max(1, out.local_world(group))))
     except PMAError as e:
         error = str(e)
     except Exception as e:  # keep ranks in step: report, then fail everywhere
@@ -174,8 +174,3 @@ def _merge(inputs, output: Path, group: Group, t0: float, schedule: dict, *, for
     nbytes, keys = fmt.summary(plan, output, *gathered)
     return MergeResult(output, [c.iteration for c in plan.inputs], plan.weights, time.perf_counter() - t0,
                        nbytes, keys, [c.outer for c in plan.inputs], plan.iteration)
-
-
-def _local_world(group: Group) -> int:
-    """Processes of this merge on this node (they share its cores)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", group.world)) or 1)

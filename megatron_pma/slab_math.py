@@ -50,10 +50,11 @@ def widen(raw: np.ndarray, dtype: DType, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def narrow(acc: np.ndarray, dtype: DType, out: np.ndarray, tmp: np.ndarray, finite: bool) -> None:
+def narrow(acc: np.ndarray, dtype: DType, out: np.ndarray, tmp: np.ndarray | None = None,
+           finite: bool = False) -> None:
     """``acc`` rounded to the stored dtype into ``out`` (its raw view). ``finite``: the caller
-    knows there is no NaN (skips the NaN fix-up). ``tmp``: unused since the ml_dtypes cast (it was
-    the bit-twiddling's scratch slab); kept until the engine's caller drops it."""
+    knows there is no NaN (skips bf16's NaN fix-up). ``tmp``: ignored (the scratch slab of the
+    bit-twiddling that the ml_dtypes cast replaced; older callers still pass one)."""
     if dtype.name != "bfloat16":
         np.copyto(out, acc, casting="same_kind")
         return
@@ -119,7 +120,8 @@ def weighted_slabs(read: Callable[[int, np.ndarray, int], None], weights: Sequen
             else:
                 np.multiply(wide, w, out=wide)
                 np.add(acc, wide, out=acc)
-        finite = all_finite(acc) if (check or out_t != acc_t) else True  # narrow() wants to know
+        # bf16's narrow() wants to know (it skips its NaN fix-up on finite slabs)
+        finite = all_finite(acc) if (check or (out_t != acc_t and out_dtype.name == "bfloat16")) else True
         if check and not finite:
             on_nonfinite(first, n)
         if out_t == acc_t:
@@ -130,5 +132,5 @@ def weighted_slabs(read: Callable[[int, np.ndarray, int], None], weights: Sequen
             f32 = scratch.get(np.dtype(np.float32), n, "f32")
             np.copyto(f32, acc, casting="same_kind")
             acc = f32
-        narrow(acc, out_dtype, out, scratch.get(np.dtype(np.uint32), n, "bits"), finite)
+        narrow(acc, out_dtype, out, finite=finite)
         yield out

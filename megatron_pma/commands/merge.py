@@ -37,14 +37,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-integrity", action="store_true",
                    help="check inputs against their integrity.json and write one for the output")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before publishing (faster, less durable)")
-    p.add_argument("--workers", type=_workers, default=os.environ.get(WORKERS_ENV) or "auto",
+    p.add_argument("--workers", type=parse_workers, default=os.environ.get(WORKERS_ENV) or "auto",
                    help="processes on this node (forked; no torchrun needed). Default auto: one per usable "
                         f"core, at most {MAX_AUTO_WORKERS} (1 under torchrun/srun, where each rank is one); "
                         f"${WORKERS_ENV} changes the default")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
-def _workers(value: str) -> int | None:
+def parse_workers(value: str) -> int | None:
+    """``--workers`` / ``$MEGATRON_PMA_WORKERS``: a count >= 1, or None for ``auto``."""
     if value == "auto":
         return None
     try:

@@ -220,7 +220,7 @@ def sweep(save_dir: str | Path, evaluator: Callable[[Path], float], *, windows: 
     return SweepResult(str(save_dir), unit, last, trials)
 
 
-def publish_best(result: SweepResult, output: str | Path, *, alpha: float = 0.2, tokens_per_iter=None,
+def publish_best(result: SweepResult, output: str | Path, *, alpha: float = 0.2,
                  workers: int = 1, force: bool = False):
     """Merge the winning combination again into ``output`` (atomic, like ``merge``)."""
     from megatron_pma import merge_checkpoints
@@ -294,12 +294,6 @@ def heatmap(result: SweepResult, path: Path) -> bool:
     return True
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------- CLI
 
 def _floats(text: str) -> list[float]:
@@ -342,7 +336,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_pma.commands.merge import WORKERS_ENV, auto_workers
+    from megatron_pma.checkpoint.publish import write_file_atomic
+    from megatron_pma.commands.merge import WORKERS_ENV, auto_workers, parse_workers
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     grid(args.windows, args.num_models, methods)  # bad grid: exit 2 before anything is written
@@ -351,14 +346,17 @@ def run(args: argparse.Namespace) -> int:
         raise PMAError(f"{args.save_dir}: no such save directory")
     if args.keep_best is not None and args.keep_best.exists() and not args.force:
         raise PMAError(f"{args.keep_best}: already exists (use --force to replace it)")
-    workers = int(os.environ.get(WORKERS_ENV, 0) or 0) or auto_workers()
+    try:  # the same default as merge's --workers
+        workers = parse_workers(os.environ.get(WORKERS_ENV) or "auto") or auto_workers()
+    except argparse.ArgumentTypeError as e:
+        raise PMAError(f"${WORKERS_ENV}: {e}") from None
     bar = not args.quiet and sys.stderr.isatty()  # a log line per trial where a bar cannot redraw
     log = None if args.quiet or bar else (lambda m: print(m, file=sys.stderr, flush=True))
     result = sweep(args.save_dir, evaluator, windows=args.windows, num_models=args.num_models, methods=methods,
                    unit=args.unit, tokens_per_iter=args.tokens_per_iter, scratch=args.scratch, alpha=args.alpha,
                    workers=workers, progress=bar, log=log)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "sweep.json", result.to_json())
+    write_file_atomic(args.out / "sweep.json", json.dumps(result.to_json(), indent=1).encode(), fsync=False)
     plotted = heatmap(result, args.out / "sweep.png")
     print(table(result))
     print(f"wrote {args.out / 'sweep.json'}" + (f" and {args.out / 'sweep.png'}" if plotted

@@ -186,6 +186,7 @@ def plan(inputs: Sequence[str | Path], group, *, method: str = "sma", alpha: flo
     newest = loaded[-1]
     _check_optimizer(newest, optimizer)
     w = schedules.weights(method, len(loaded), alpha=alpha, values=weights, normalize=normalize,
+                          positions=input_order.positions(loaded),  # WSM samples its decay at these
                           allow_extrapolation=allow_extrapolation)
     warning = input_order.weights_warning(typed, loaded, w, order) if weights is not None else None
     check_same(loaded)

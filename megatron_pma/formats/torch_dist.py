@@ -416,50 +416,16 @@ class _Reader:
 def _merged_slabs(plan: MergePlan, job: Job, reader: _Reader, allow_nonfinite: bool,
                   scratch: slab_math.Scratch):
     """A merged chunk's raw bytes in the input dtype (or ``job.out_dtype``), yielded slab by slab
-    (each valid until the next is asked for).
-
-    Per slab: the first input is read straight into the accumulator (fp32 / fp64 chunks: no
-    widening), every further input is read into one reusable buffer, widened and added with its
-    weight, and the sum is narrowed back. Finiteness is checked through the slab's sum (one
-    reduction); only a non-finite sum triggers the exact per-input search.
-    """
+    (each valid until the next is asked for): :func:`slab_math.weighted_slabs` over the chunk's
+    located bytes in every input; only a non-finite sum triggers the exact per-input search."""
     sources = [_source(reader, ckpt, job) for ckpt in plan.inputs]
-    numel = math.prod(job.shape)
-    raw_t, acc_t = slab_math.raw_dtype(job.dtype), slab_math.acc_dtype(job.dtype)
-    in_place = raw_t == acc_t
-    out_dtype = job.out_dtype or job.dtype
-    out_t = slab_math.raw_dtype(out_dtype)
     # Distributed-optimizer buckets hold padding that Megatron leaves uninitialised (torch.empty):
     # junk there is harmless and must not fail the merge.
     check = not allow_nonfinite and not _CHAINED.sub("", job.key).startswith("optimizer.distributed.")
-    for first in range(0, numel, SLAB_ELEMENTS):
-        n = min(SLAB_ELEMENTS, numel - first)
-        acc = scratch.get(acc_t, n, "acc")
-        raw = scratch.get(raw_t, n, "raw")
-        wide = raw if in_place else scratch.get(acc_t, n, "wide")
-        for i, (src, w) in enumerate(zip(sources, plan.weights)):
-            _read_slab(reader, src, acc if (i == 0 and in_place) else raw, first)
-            if i == 0:
-                if not in_place:
-                    slab_math.widen(raw, job.dtype, acc)
-                np.multiply(acc, w, out=acc)
-            else:
-                if not in_place:
-                    slab_math.widen(raw, job.dtype, wide)
-                np.multiply(wide, w, out=wide)
-                np.add(acc, wide, out=acc)
-        finite = slab_math.all_finite(acc) if (check or out_t != acc_t) else True  # narrow() wants to know
-        if check and not finite:
-            _raise_nonfinite(plan, job, reader, sources, scratch, first, n)
-        if out_t == acc_t:  # fp32 / fp64 chunks, and --save-dtype fp32 of bf16 / fp16 ones
-            yield acc
-            continue
-        out = raw if out_dtype is job.dtype else scratch.get(out_t, n, "out")
-        if acc_t != np.float32 and out_dtype.name == "bfloat16":  # fp64 -> fp32 -> bf16, as torch rounds
-            np.copyto(scratch.get(np.dtype(np.float32), n, "f32"), acc, casting="same_kind")
-            acc = scratch.get(np.dtype(np.float32), n, "f32")
-        slab_math.narrow(acc, out_dtype, out, scratch.get(np.dtype(np.uint32), n, "bits"), finite)
-        yield out
+    yield from slab_math.weighted_slabs(
+        lambda i, buf, first: _read_slab(reader, sources[i], buf, first), plan.weights, job.dtype,
+        math.prod(job.shape), SLAB_ELEMENTS, scratch, check,
+        lambda first, n: _raise_nonfinite(plan, job, reader, sources, scratch, first, n), job.out_dtype)
 
 
 def _source(reader: _Reader, ckpt: InputCheckpoint, job: Job):

@@ -45,8 +45,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_pma.names import TRACKER, TRAIN_STATE_TRACKER  # noqa: F401 (Bridge's two trackers)
-
 logger = logging.getLogger("megatron_pma.training.bridge")
 
 
