@@ -37,7 +37,9 @@ def plan(inputs: Sequence, weights: Sequence[float], rel: str, method: str) -> t
         if not (path / dcp.METADATA_FILE).is_file():
             raise PMAError(f"{c.label}: no {rel}/{DCP_DIR}/{dcp.METADATA_FILE} (saved without its optimizer?); use "
                            "--optimizer drop")
-        loaded.append(torch_dist.InputCheckpoint(path, c.iteration, dcp.read_metadata(path), None, c.layout))
+        md = dcp.read_metadata(path)
+        dcp.check_pickles(path, md)  # byte objects (param groups, scheduler) are copied from the newest
+        loaded.append(torch_dist.InputCheckpoint(path, c.iteration, md, None, c.layout))
     kept = torch_dist.check_layout(loaded, "average")  # same keys, shapes, dtypes and sharding
     newest = loaded[-1]
     jobs = []
@@ -53,6 +55,8 @@ def plan(inputs: Sequence, weights: Sequence[float], rel: str, method: str) -> t
         for c in entry.chunks:
             jobs.append(torch_dist.Job(key, tuple(c.offsets), tuple(c.sizes), dtype, merge,
                                        math.prod(c.sizes) * dtype.itemsize))
+    copied = [j.index for j in jobs if not j.merge and j.offsets is not None]
+    dcp.check_tensor_blobs(newest.path, newest.metadata, copied)  # verbatim copies pass the allowlist too
     n_in = len({info.relative_path for info in newest.metadata.storage_data.values()})
     num_files = max(1, min(n_in, len(jobs)))
     return torch_dist.MergePlan(loaded, list(weights), jobs, num_files, kept, method, "average")

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from megatron_pma import input_order, layouts, schedules, slab_math
-from megatron_pma.checkpoint import safetensors_file as stf, writeback
+from megatron_pma.checkpoint import dcp, safe_pickle, safetensors_file as stf, writeback
 from megatron_pma.checkpoint.discovery import check_checkpoint_dir
 from megatron_pma.checkpoint.dcp_types import DType
 from megatron_pma.errors import PMAError, UnknownIteration
@@ -122,6 +122,10 @@ def load_input(path: Path, unknown_iteration: bool = False) -> Input:
         raise PMAError(f"{path}: mixed checkpoint formats: no {stf.SUFFIX} files in {data}; merge "
                        "checkpoints of one format")
     ckpt = stf.read_checkpoint(data)
+    # pickles beside the weights (a Trainer's training_args.bin, NeMo-RL's train_dataloader.pt) are
+    # copied from the newest input: they pass the allowlist first; DCP optimizer folders are read
+    # through their metadata (dcp_optimizer.plan)
+    safe_pickle.check_tree(root, skip=lambda p: p.suffix in (stf.SUFFIX, ".distcp") or p.name == dcp.METADATA_FILE)
     try:
         iteration = layout.iteration(root, lambda: None)
     except UnknownIteration:

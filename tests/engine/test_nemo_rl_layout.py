@@ -272,3 +272,25 @@ def test_inspect_shows_steps_of_both_backends(megatron_steps, tmp_path):
     assert "NeMo-RL (DTensor backend): safetensors" in r.stdout
     r = cli("inspect", dtensor[0].parent)  # a checkpoint dir: a table of every step
     assert r.returncode == 0 and "1 complete checkpoints" in r.stdout and "step_7" in r.stdout, r.stderr
+
+
+class _Eval:
+    """A pickle that would run ``eval`` when loaded (issue 16's payload, planted beside the weights)."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return eval, (f"open({str(self.sentinel)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("planted", ["train_dataloader.pt", "policy/optimizer/optim/evil_sched.pt"])
+def test_pickles_beside_dtensor_weights_pass_the_allowlist(dtensor_steps, tmp_path, planted):
+    """A DTensor step's pickles (copied from the newest into the output) are refused like any
+    checkpoint pickle: exit 2, the line names builtins.eval, the payload never runs, nothing written."""
+    sentinel = tmp_path / "SENTINEL"
+    torch.save({"state": _Eval(sentinel)}, dtensor_steps[-1] / planted)
+    out = tmp_path / "merged" / "step_30"
+    r = cli("merge", *dtensor_steps, "-o", out, "--optimizer", "average")
+    assert r.returncode == 2 and "builtins.eval" in r.stderr, r.stderr
+    assert not sentinel.exists() and not out.exists()
