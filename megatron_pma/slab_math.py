@@ -94,9 +94,11 @@ class Scratch:
 
 def weighted_slabs(read: Callable[[int, np.ndarray, int], None], weights: Sequence[float], dtype: DType,
                    numel: int, slab: int, scratch: Scratch, check: bool,
-                   on_nonfinite: Callable[[int, int], None], out_dtype: DType | None = None) -> Iterator[np.ndarray]:
+                   on_nonfinite: Callable[[int, int], None], out_dtype: DType | None = None,
+                   ring: int = 1) -> Iterator[np.ndarray]:
     """sum_i w_i * x_i of one tensor, yielded ``slab`` elements at a time as raw bytes of ``dtype``
-    (each valid until the next is asked for), whatever stores the inputs: ``read(i, buf, first)``
+    (each valid until ``ring`` more are asked for: a writer thread may still hold the last ones),
+    whatever stores the inputs: ``read(i, buf, first)``
     fills ``buf`` with elements [first, first + buf.size) of input i (raw view);
     ``on_nonfinite(first, n)`` raises when ``check`` finds a NaN/Inf in the sum.
 
@@ -106,9 +108,11 @@ def weighted_slabs(read: Callable[[int, np.ndarray, int], None], weights: Sequen
     out_dtype = out_dtype or dtype
     raw_t, acc_t, out_t = raw_dtype(dtype), acc_dtype(dtype), raw_dtype(out_dtype)
     in_place = raw_t == acc_t
-    for first in range(0, numel, slab):
+    yields_acc = out_t == acc_t
+    for k, first in enumerate(range(0, numel, slab)):
         n = min(slab, numel - first)
-        acc = scratch.get(acc_t, n, "acc")
+        slot = k % ring  # only the buffers that are yielded rotate
+        acc = scratch.get(acc_t, n, f"acc{slot}" if yields_acc else "acc")
         raw = scratch.get(raw_t, n, "raw")
         wide = raw if in_place else scratch.get(acc_t, n, "wide")
         for i, w in enumerate(weights):
@@ -127,7 +131,7 @@ def weighted_slabs(read: Callable[[int, np.ndarray, int], None], weights: Sequen
         if out_t == acc_t:
             yield acc
             continue
-        out = raw if out_dtype is dtype else scratch.get(out_t, n, "out")
+        out = raw if (out_dtype is dtype and ring == 1) else scratch.get(out_t, n, f"out{slot}")
         if acc_t != np.float32 and out_dtype.name == "bfloat16":  # fp64 -> fp32 -> bf16, as torch rounds
             f32 = scratch.get(np.dtype(np.float32), n, "f32")
             np.copyto(f32, acc, casting="same_kind")

@@ -53,7 +53,7 @@ def describe_checkpoint(path: Path) -> dict:
         "format": f"{kind}common state: {'common.pt' if (data / 'common.pt').exists() else 'inside DCP'})",
         "metadata_json": meta,
         "iteration": ckpt.iteration,
-        "tokens": consumed_tokens(state, ckpt.iteration),
+        "tokens": consumed_tokens(state, ckpt.iteration) if args else _layout_tokens(path, ckpt.iteration),
         "parallel": {k: getattr(args, k, None) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                                          "expert_model_parallel_size", "data_parallel_size")} if args else None,
         "optimizer_state": sorted({k["role"] for k in keys if k["role"] not in ("model", "object")}) or "none",
@@ -61,6 +61,17 @@ def describe_checkpoint(path: Path) -> dict:
         "files": len(files),
         "keys": keys,
     }
+
+
+def _layout_tokens(path: Path, iteration: int) -> int | None:
+    """Tokens where the common state has no Megatron-LM ``args``: the layout knows where its run
+    records them (Megatron-Bridge: train_state.pt and run_config.yaml); None when nothing does."""
+    from megatron_pma.layouts import registry
+
+    try:
+        return registry.of_checkpoint(path).tokens(path, iteration, None)
+    except PMAError:
+        return None
 
 
 def run(args: argparse.Namespace) -> int:

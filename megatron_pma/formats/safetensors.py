@@ -34,7 +34,6 @@ from megatron_pma.formats.torch_dist import SLAB_ELEMENTS
 from megatron_pma.names import PROVENANCE_FILE, SAVE_DTYPES, is_extra_state
 
 NAME = "safetensors"
-_WRITEBACK_STEP = 16 << 20
 
 
 def detect(path: Path) -> bool:
@@ -251,8 +250,10 @@ class _Labelled:
 class _Files:
     """Open input files (read) and output files (write, created by whoever writes first)."""
 
-    def __init__(self):
+    def __init__(self, fsync: bool = True, threaded: bool = True):
         self._fds: dict[tuple[str, str], int] = {}
+        self._behind: dict[int, writeback.WriteBehind] = {}
+        self._fsync, self._threaded = fsync, threaded
 
     def fd(self, path: Path, mode: str) -> int:
         key = (str(path), mode)
@@ -261,10 +262,26 @@ class _Files:
             self._fds[key] = os.open(path, flags, 0o666)
         return self._fds[key]
 
-    def written(self) -> list[int]:
-        return [fd for (_, mode), fd in self._fds.items() if mode == "w"]
+    def behind(self, path: Path) -> writeback.WriteBehind:
+        """The output file's writer thread (see :class:`writeback.WriteBehind`)."""
+        fd = self.fd(path, "w")
+        if fd not in self._behind:
+            self._behind[fd] = writeback.WriteBehind(fd, queue_writeback=self._fsync, threaded=self._threaded)
+        return self._behind[fd]
+
+    def drain(self) -> None:
+        """Everything handed to the writer threads is in the files (then fsync'd when asked)."""
+        for w in self._behind.values():
+            w.drain()
+        if self._fsync:  # each rank syncs what it wrote, in parallel
+            for (_, mode), fd in self._fds.items():
+                if mode == "w":
+                    os.fsync(fd)
 
     def close(self) -> None:
+        for w in self._behind.values():
+            w.close()
+        self._behind.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -276,27 +293,20 @@ def _pread(fd: int, buf: np.ndarray, pos: int, path: Path) -> None:
         raise PMAError(f"{path}: truncated data at byte {pos}")
 
 
-def _pwrite_all(fd: int, data, pos: int) -> None:
-    view = memoryview(data).cast("B")
-    while view.nbytes:
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
-
-
 def _write_job(plan: Plan, job: Job, out: Path, files: _Files, scratch: slab_math.Scratch,
                allow_nonfinite: bool) -> None:
-    ofd = files.fd(out / job.file, "w")
+    behind = files.behind(out / job.file)
     newest_path = plan.newest.path / job.file
     if not job.merge:  # the header (and the file's full length), or a tensor the newest decides
         if job.name is None:
-            os.ftruncate(ofd, plan.sizes[job.file])
+            os.ftruncate(files.fd(out / job.file, "w"), plan.sizes[job.file])
         if job.payload is not None:
-            _pwrite_all(ofd, job.payload, 0)
+            behind.write(job.payload, 0)
             return
         fd = files.fd(newest_path, "r")
-        for pos in range(0, job.nbytes, 64 << 20):
-            n = min(64 << 20, job.nbytes - pos)
-            _pwrite_all(ofd, os.pread(fd, n, job.src + pos), job.offset + pos)
+        for pos in range(0, job.nbytes, 16 << 20):  # at most three pieces in flight behind us
+            n = min(16 << 20, job.nbytes - pos)
+            behind.write(os.pread(fd, n, job.src + pos), job.offset + pos)
         return
     # each input's own offset: headers differ in length (their __metadata__, the tensor order)
     srcs = [(files.fd(c.path / job.file, "r"), c.path / job.file, c.checkpoint.files[job.file].tensors[job.name].offset)
@@ -317,14 +327,11 @@ def _write_job(plan: Plan, job: Job, out: Path, files: _Files, scratch: slab_mat
                                "to merge anyway)")
         raise PMAError(f"{newest_path}: key {job.name}: merged values overflow to Inf")
 
-    pos, queued = job.offset, job.offset
+    pos = job.offset
     for slab in slab_math.weighted_slabs(read, plan.weights, job.dtype, job.nbytes // (job.out_dtype or job.dtype).itemsize,
-                                         SLAB_ELEMENTS, scratch, not allow_nonfinite, nonfinite, job.out_dtype):
-        _pwrite_all(ofd, slab, pos)
-        pos += slab.nbytes
-        if pos - queued >= _WRITEBACK_STEP:  # the disk writes while we compute (see writeback)
-            writeback.start(ofd, queued, pos - queued)
-            queued = pos
+                                         SLAB_ELEMENTS, scratch, not allow_nonfinite, nonfinite, job.out_dtype,
+                                         ring=writeback.WriteBehind.RING):
+        pos += behind.write(slab, pos)  # written by a thread while the next slab is computed
 
 
 def _my_jobs(jobs: list[Job], rank: int, world: int) -> list[Job]:
@@ -350,15 +357,13 @@ def write(plan: Plan, data: Path, group, *, allow_nonfinite: bool, progress, fsy
     ({file: bytes written}, {chunk: storage info}, {file: sha256})."""
     mine = _my_jobs(plan.jobs, group.rank, group.world)
     update, close_bar = progress(sum(j.nbytes for j in mine))
-    files, scratch, written = _Files(), slab_math.Scratch(), {}
+    files, scratch, written = _Files(fsync, threaded=(threads or 2) > 1), slab_math.Scratch(), {}
     try:
         for job in mine:
             _write_job(plan, job, data, files, scratch, allow_nonfinite)
             written[job.file] = written.get(job.file, 0) + job.nbytes
             update(job.nbytes)
-        if fsync:  # each rank syncs what it wrote, in parallel
-            for fd in files.written():
-                os.fsync(fd)
+        files.drain()
     except OSError as e:
         raise PMAError(f"{data}: write failed ({os.strerror(e.errno) if e.errno else e})") from None
     finally:

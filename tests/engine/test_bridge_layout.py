@@ -18,6 +18,7 @@ import bridge_factory
 import ckpt_factory
 from helpers import assert_tensors_close, cli, reference_merge, tree_digest
 from megatron_pma import layouts, schedules
+from megatron_pma.commands.inspect import describe_checkpoint
 from megatron_pma.layouts import bridge as bridge_layout
 from megatron_pma.merge import optimizer_role
 
@@ -48,6 +49,9 @@ def test_the_save_dir_is_bridges_and_ours_reads_it(save, bridge):
     # tokens: consumed_train_samples (train_state.pt) x seq_length (run_config.yaml)
     assert [bridge_layout.LAYOUT.tokens(c, it, None) for c, it in zip(save, (10, 20, 30))] == \
         [SAMPLES[it] * bridge_factory.SEQ_LENGTH for it in (10, 20, 30)]
+    # ... and `inspect` shows them (Bridge's common state has no Megatron-LM args to read them from)
+    assert [describe_checkpoint(c)["tokens"] for c in save] == [SAMPLES[it] * bridge_factory.SEQ_LENGTH
+                                                               for it in (10, 20, 30)]
 
 
 @pytest.mark.slow  # loads the merge into a GPTModel under torchrun (~10-30 s)
