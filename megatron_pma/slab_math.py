@@ -77,6 +77,13 @@ class Scratch:
     def __init__(self):
         self._bufs: dict = {}
         self._out = np.empty(0, dtype=np.uint8)
+        self._turn = 0
+
+    def slot(self, ring: int) -> int:
+        """Which of ``ring`` rotating buffers the next yielded slab goes to: counted across
+        tensors, so a tensor's first slab never lands in the buffer just handed to a writer."""
+        self._turn += 1
+        return self._turn % ring
 
     def get(self, dtype: np.dtype, n: int, role: str) -> np.ndarray:
         buf = self._bufs.get((dtype, role))
@@ -109,9 +116,9 @@ def weighted_slabs(read: Callable[[int, np.ndarray, int], None], weights: Sequen
     raw_t, acc_t, out_t = raw_dtype(dtype), acc_dtype(dtype), raw_dtype(out_dtype)
     in_place = raw_t == acc_t
     yields_acc = out_t == acc_t
-    for k, first in enumerate(range(0, numel, slab)):
+    for first in range(0, numel, slab):
         n = min(slab, numel - first)
-        slot = k % ring  # only the buffers that are yielded rotate
+        slot = scratch.slot(ring)  # only the buffers that are yielded rotate
         acc = scratch.get(acc_t, n, f"acc{slot}" if yields_acc else "acc")
         raw = scratch.get(raw_t, n, "raw")
         wide = raw if in_place else scratch.get(acc_t, n, "wide")

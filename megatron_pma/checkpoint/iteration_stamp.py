@@ -25,8 +25,14 @@ from pathlib import Path
 from megatron_pma.checkpoint import torch_pickle
 
 
-def stamp_state(state, iteration: int) -> bool:
-    """Set ``iteration`` and ``args.iteration`` where the state has them; True if it had either."""
+def stamp_state(state, iteration: int | None, drop_optimizer: bool = False) -> bool:
+    """Set ``iteration`` and ``args.iteration`` where the state has them (None: leave them); True if
+    it had either. ``drop_optimizer``: remove its ``optimizer`` entry (the merge has no optimizer
+    state; a loader that reads the entry as "load the optimizer" must not find it)."""
+    if drop_optimizer and isinstance(state, dict):
+        state.pop("optimizer", None)
+    if iteration is None:
+        return False
     found = False
     if isinstance(state, dict) and "iteration" in state:
         state["iteration"] = iteration
@@ -38,10 +44,10 @@ def stamp_state(state, iteration: int) -> bool:
     return found
 
 
-def stamp_file(path: Path, iteration: int) -> None:
-    """Rewrite a ``torch.save`` file of a state dict (``common.pt``) with the new iteration."""
+def stamp_file(path: Path, iteration: int | None, drop_optimizer: bool = False) -> None:
+    """Rewrite a ``torch.save`` file of a state dict (``common.pt``) as :func:`stamp_state` says."""
     state, codec = torch_pickle.load(Path(path), mmap=False)
-    stamp_state(state, iteration)
+    stamp_state(state, iteration, drop_optimizer)
     _save_as(codec, state, Path(path))
 
 
@@ -53,14 +59,14 @@ def _save_as(codec, obj, path: Path) -> None:
         os.replace(Path(td) / path.name, path)
 
 
-def stamp_bytes(blob: bytes, iteration: int) -> bytes:
-    """The bytes of a ``torch.save([state_dict])`` (0.19's common state) with the new iteration."""
+def stamp_bytes(blob: bytes, iteration: int | None, drop_optimizer: bool = False) -> bytes:
+    """The bytes of a ``torch.save([state_dict])`` (0.19's common state), as :func:`stamp_state` says."""
     import torch
 
     codec = torch_pickle.Codec()
     obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False, pickle_module=codec.module)
     for state in obj if isinstance(obj, list) else [obj]:
-        stamp_state(state, iteration)
+        stamp_state(state, iteration, drop_optimizer)
     buf = io.BytesIO()
     torch.save(obj, buf, pickle_module=codec.module)
     return buf.getvalue()

@@ -109,6 +109,12 @@ class MergePlan:
         """The output's iteration differs from the newest input's: its common state is rewritten."""
         return self.iteration is not None and self.iteration != self.newest.iteration
 
+    @property
+    def unflagged(self) -> bool:
+        """--optimizer drop where the layout reads the common state's ``optimizer`` entry as
+        "optimizer saved" (NeMo-RL): the output's common state loses that entry."""
+        return self.optimizer == "drop" and self.newest.layout.optimizer_flag_in_common_state
+
     def files(self) -> list[list[Job]]:
         """Deterministic, balanced assignment of jobs to output files (largest first)."""
         buckets: list[list[Job]] = [[] for _ in range(self.num_files)]
@@ -304,6 +310,7 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
             integrity.verify(c.path)
     newest = loaded[-1]
     restamp = output_iteration is not None and output_iteration != newest.iteration
+    unflag = optimizer == "drop" and newest.layout.optimizer_flag_in_common_state
     verbatim = w == [1.0]  # one input at weight 1 (an extrapolated one is scaled)
     jobs: list[Job] = []
     for key in kept:
@@ -319,7 +326,8 @@ def plan_merge(inputs: Sequence[str | Path], *, method: str = "sma", alpha: floa
                 jobs.append(Job(key, tuple(c.offsets), tuple(c.sizes), dtype, merge or out_dtype is not None,
                                 math.prod(c.sizes) * (out_dtype or dtype).itemsize, out_dtype))
         else:
-            payload = _stamped_common_state(newest, key, output_iteration) if restamp else None
+            payload = (_stamped_common_state(newest, key, output_iteration if restamp else None, unflag)
+                       if restamp or unflag else None)
             jobs.append(Job(key, None, merge=False, payload=payload))
     if num_files is None:
         n_in = len({info.relative_path for info in newest.metadata.storage_data.values()})
@@ -346,8 +354,10 @@ def _output_dtype(key: str, dtype: DType, target: DType | None) -> DType | None:
     return target if slab_math.supported(dtype) else None
 
 
-def _stamped_common_state(ckpt: InputCheckpoint, key: str, iteration: int) -> bytes | None:
-    """megatron-core >= 0.19 keeps the common state in DCP: its bytes with the output's iteration."""
+def _stamped_common_state(ckpt: InputCheckpoint, key: str, iteration: int | None,
+                          drop_optimizer: bool) -> bytes | None:
+    """megatron-core >= 0.19 keeps the common state in DCP: its bytes with the output's iteration
+    (None: unchanged) and, with ``drop_optimizer``, without its ``optimizer`` entry."""
     if not key.startswith(_COMMON_STATE):
         return None
     from megatron_pma.checkpoint import iteration_stamp
@@ -355,9 +365,9 @@ def _stamped_common_state(ckpt: InputCheckpoint, key: str, iteration: int) -> by
     path, info = _Reader().storage(ckpt, MetadataIndex(key, None))
     blob = dcp.read_bytes(path, info.offset, info.length)
     try:
-        return iteration_stamp.stamp_bytes(blob, iteration)
+        return iteration_stamp.stamp_bytes(blob, iteration, drop_optimizer)
     except Exception as e:
-        raise PMAError(f"{path}: cannot rewrite the common state's iteration ({type(e).__name__}: {e})") from None
+        raise PMAError(f"{path}: cannot rewrite the common state ({type(e).__name__}: {e})") from None
 
 
 def plan(inputs: Sequence[str | Path], group, *, num_files: int | None = None,
@@ -629,13 +639,14 @@ def finish(plan: MergePlan, data: Path, storage: dict, digests: dict, left_out: 
     metadata, the newest input's other files, integrity.json."""
     _write_metadata(plan, data, storage)
     _copy_common_files(plan.newest.path, data, set(left_out))
-    if plan.restamped and (data / dcp.COMMON_FILE).exists():  # megatron-core <= 0.18
+    if (plan.restamped or plan.unflagged) and (data / dcp.COMMON_FILE).exists():  # megatron-core <= 0.18
         from megatron_pma.checkpoint import iteration_stamp
 
         try:
-            iteration_stamp.stamp_file(data / dcp.COMMON_FILE, plan.iteration)
+            iteration_stamp.stamp_file(data / dcp.COMMON_FILE, plan.iteration if plan.restamped else None,
+                                       plan.unflagged)
         except Exception as e:
-            raise PMAError(f"{plan.newest.path / dcp.COMMON_FILE}: cannot rewrite its iteration "
+            raise PMAError(f"{plan.newest.path / dcp.COMMON_FILE}: cannot rewrite it "
                            f"({type(e).__name__}: {e})") from None
     if _wants_manifest(plan):
         integrity.write(data, digests)

@@ -82,6 +82,9 @@ class Layout:
     # Optimizer state kept beside the tensor folder in a format of its own (NeMo-RL's DTensor
     # backend: "policy/optimizer"); None where it lives with the tensors or nowhere.
     optimizer_subdir: str | None = None
+    # The layout's loader reads an ``optimizer`` entry in the common state as "this checkpoint has
+    # optimizer state" (NeMo-RL's get_resume_paths): with --optimizer drop the entry is removed.
+    optimizer_flag_in_common_state = False
 
     def check_output(self, output: Path, newest_iteration: int, trackers: bool) -> None:
         """Refuse, before anything is written, an output this layout could not point a trainer at."""

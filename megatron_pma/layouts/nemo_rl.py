@@ -64,6 +64,9 @@ class NeMoRL(Layout):
     def __init__(self, backend: str, title: str, data_subdir: str, optimizer_subdir: str | None):
         self.backend, self.name, self.data_subdir = backend, f"NeMo-RL ({title} backend)", data_subdir
         self.optimizer_subdir = optimizer_subdir
+        # Megatron backend: get_resume_paths (nemo_rl/utils/checkpoint.py, v0.6-v0.7) loads the
+        # optimizer iff iter_0000000/common.pt has an "optimizer" entry
+        self.optimizer_flag_in_common_state = optimizer_subdir is None
 
     def owns(self, path: Path) -> bool:
         root = step_root(path)

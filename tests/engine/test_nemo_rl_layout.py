@@ -171,6 +171,29 @@ def test_merge_megatron_backend_save_dir_into_a_step_folder(megatron_steps, opti
     assert_tensors_close(ckpt_factory.load_full_tensors(data), ref)
     prov = json.loads((out / "pma_provenance.json").read_text())
     assert [i["iteration"] for i in prov["inputs"]] == list(STEPS) and prov["optimizer"] == optimizer
+    # NeMo-RL v0.7's own resume logic (it loads the optimizer iff common.pt has an "optimizer" entry)
+    # sees the optimizer state the merge has: none after drop
+    resume = _nemo_rl_resume_paths(out)
+    assert _nemo_rl_resume_paths(newest) == (newest / "policy/weights", newest / "policy/optimizer")
+    assert resume == (out / "policy/weights", None if optimizer == "drop" else out / "policy/optimizer")
+    if optimizer == "drop":  # nothing else in the common state changed
+        merged, last = (torch.load(p / "policy/weights/iter_0000000/common.pt", weights_only=False)
+                        for p in (out, newest))
+        assert "optimizer" in last and merged.keys() == last.keys() - {"optimizer"}
+        assert merged["iteration"] == last["iteration"] and vars(merged["args"]) == vars(last["args"])
+
+
+def _nemo_rl_resume_paths(step: Path):
+    """``CheckpointManager.get_resume_paths`` of the real NeMo-RL v0.7.0 source (../shared/upstream)."""
+    import warnings
+
+    from rl.nemo_rl_upstream import use
+
+    with use("v0.7.0"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its "optimizer will be freshly initialized" note
+        from nemo_rl.utils.checkpoint import CheckpointManager
+
+        return CheckpointManager.get_resume_paths(step)
 
 
 @pytest.mark.parametrize("optimizer", ["drop", "keep-last-moments", "average"])

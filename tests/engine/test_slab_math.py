@@ -3,6 +3,7 @@ half, with every rounding class in the low half (exact, just below / at / just a
 the largest), so each exponent, mantissa, sign, subnormal, the overflow to Inf and the ties are covered."""
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_pma import slab_math
@@ -36,3 +37,20 @@ def test_all_finite_is_exact():
         acc[537] = bad
         assert not slab_math.all_finite(acc)
         acc[537] = 0
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [("float32", None), ("bfloat16", None), ("float32", "bfloat16")])
+def test_yielded_slabs_rotate_across_tensors(dtype, out_dtype):
+    """The last ``ring`` slabs handed to the write thread are distinct buffers, also when each
+    tensor is one slab (a new tensor must not reuse the buffer of the one just yielded)."""
+    ring, scratch = 3, slab_math.Scratch()
+    dt, out_dt = DType.get(dtype), out_dtype and DType.get(out_dtype)
+    addresses = []
+    for numel in (5, 3, 7, 4, 6, 8, 2):  # seven one-slab tensors, then one of three slabs
+        for slab in slab_math.weighted_slabs(lambda i, buf, first: buf.fill(0), [0.5, 0.5], dt, numel, 8,
+                                             scratch, True, None, out_dt, ring=ring):
+            addresses.append(slab.__array_interface__["data"][0])
+    for slab in slab_math.weighted_slabs(lambda i, buf, first: buf.fill(0), [0.5, 0.5], dt, 24, 8,
+                                         scratch, True, None, out_dt, ring=ring):
+        addresses.append(slab.__array_interface__["data"][0])
+    assert all(len(set(addresses[k:k + ring])) == ring for k in range(len(addresses) - ring + 1))
