@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def describe_checkpoint(path: Path) -> dict:
     from megatron_pma.checkpoint.dcp_types import TensorStorageMetadata
 
-    from megatron_pma.checkpoint.common_state import consumed_tokens, read_common_state
+    from megatron_pma.checkpoint.common_state import read_common_state
     from megatron_pma.checkpoint import legacy
     from megatron_pma.merge import load_input, optimizer_role
 
@@ -53,7 +53,7 @@ def describe_checkpoint(path: Path) -> dict:
         "format": f"{kind}common state: {'common.pt' if (data / 'common.pt').exists() else 'inside DCP'})",
         "metadata_json": meta,
         "iteration": ckpt.iteration,
-        "tokens": consumed_tokens(state, ckpt.iteration) if args else _layout_tokens(path, ckpt.iteration),
+        "tokens": _layout_tokens(path, ckpt.iteration),
         "parallel": {k: getattr(args, k, None) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                                          "expert_model_parallel_size", "data_parallel_size")} if args else None,
         "optimizer_state": sorted({k["role"] for k in keys if k["role"] not in ("model", "object")}) or "none",
@@ -64,8 +64,9 @@ def describe_checkpoint(path: Path) -> dict:
 
 
 def _layout_tokens(path: Path, iteration: int) -> int | None:
-    """Tokens where the common state has no Megatron-LM ``args``: the layout knows where its run
-    records them (Megatron-Bridge: train_state.pt and run_config.yaml); None when nothing does."""
+    """Tokens as the merge counts them for ``--interval-tokens``: the layout knows where its run
+    records them (Megatron-LM: the common state's args; Megatron-Bridge: train_state.pt and
+    run_config.yaml); None when nothing does."""
     from megatron_pma.layouts import registry
 
     try:
