@@ -13,8 +13,11 @@ test cache, and put on ``PYTHONPATH`` of the rank processes of tests/fixtures/sa
   a method in 0.4.0 and a module function from 0.5.0 on (0.7.0 raises AttributeError there).
 - ``automodel``: nemo-automodel 0.7.0's ``Checkpointer`` directly, with the arguments NeMo-RL passes.
 
-On CPU, 0.4.0 turns NeMo-RL's ``is_async=True`` off itself ("Async mode is only supported for torch
->= 2.9.0", its version check misreads 2.13): the files are the same, written synchronously.
+NeMo-RL's worker asks for ``is_async=True``; on CPU the saves are synchronous, through the same
+storage writer (same files): 0.4.0 turns async off itself ("Async mode is only supported for torch
+>= 2.9.0": it compares version strings, "2.13.0" < "2.9.0"), and 0.7.0's async ``Checkpointer``
+cannot be built without an accelerator (torch's ``DefaultStager()``: "Non-blocking copy requires
+that the current accelerator is available"), so the ``automodel`` writer passes ``is_async=False``.
 The saves are cached per (writer, ranks, consolidated) under ``$PMA_TEST_CACHE`` (~10 s each).
 """
 
