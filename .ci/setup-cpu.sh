@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 START=$(date +%s)
-STEPS=7
+STEPS=8
 step() { echo "[setup $1/$STEPS +$(( $(date +%s) - START ))s] $2"; }
 # pip's own chatter, reduced to what it fetches and installs (errors pass through)
 quiet_pip() { pip install "$@" 2>&1 | sed -un -E '/^(Collecting|Downloading|Processing|Installing collected|Successfully installed|ERROR|error)/s/^/    /p'; }
@@ -30,5 +30,12 @@ step 7 "the megatron-bridge 0.6.2 wheel (Python 3.12; tests load single modules 
 PMA_WHEELS=${PMA_WHEELS:-$HOME/.cache/megatron-pma/wheels}
 pip download -q --no-deps --python-version 3.12 --only-binary=:all: megatron-bridge==0.6.2 -d "$PMA_WHEELS" \
     || echo "    warning: could not download megatron-bridge 0.6.2; its tests will be skipped"
+step 8 "the nemo-automodel 0.4.0 and 0.7.0 wheels (tests run their checkpointer on CPU from the unpacked wheel, skipped if unreachable)"
+# --no-deps: their pins (CUDA kernels, other transformers) would replace the CPU stack; the checkpoint
+# code needs only what the verl setup installs (tests/automodel_factory.py).
+for v in 0.4.0 0.7.0; do
+    pip download -q --no-deps --only-binary=:all: nemo-automodel==$v -d "$PMA_WHEELS" \
+        || echo "    warning: could not download nemo-automodel $v; its tests will be skipped"
+done
 echo "environment ready in $(( $(date +%s) - START )) s: $(python -W ignore -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)')"
 echo "use it as .venv/bin/python / .venv/bin/megatron-pma, or activate it: . .venv/bin/activate"

@@ -22,10 +22,10 @@ The step folders are arranged exactly as NeMo-RL v0.7 writes them (source in
 - DTensor backend, ``nemo_rl/models/automodel/checkpoint.py`` ``save_checkpoint`` (l. 246-329):
   NeMo Automodel's checkpointer writes safetensors under ``weights/model`` (``save_model``) and the
   optimizer as a torch DCP under ``policy/optimizer``; ``detect_checkpoint_format`` (l. 393-425)
-  reads ``*.safetensors`` as model_save_format "safetensors". nemo-automodel 0.7.0 needs CUDA-era
-  torch and distributed setup that do not run here, so the weights are written by ``transformers``'
-  ``save_pretrained`` of a tiny Llama (the same Hugging Face sharded safetensors files) and the
-  optimizer by ``torch.distributed.checkpoint.save``.
+  reads ``*.safetensors`` as model_save_format "safetensors". The real Automodel checkpointer runs
+  here on CPU (tests/engine/test_nemo_rl_automodel.py merges its saves, 1 and 2 ranks); these quick
+  steps, for the layout, watch and bad-input tests, are Hugging Face ``save_pretrained`` sharded
+  safetensors of a tiny Llama and the optimizer as Automodel's ``save_optimizer`` lays it out.
 """
 
 import json
@@ -36,6 +36,7 @@ import pytest
 import torch
 import yaml
 
+import automodel_factory
 import bridge_factory
 import ckpt_factory
 from helpers import assert_tensors_close, cli, reference_merge, tree_digest
@@ -47,7 +48,7 @@ transformers = pytest.importorskip("transformers")
 STEPS = (10, 20, 30)
 
 
-def _step_files(step_dir: Path, step: int, backend: str) -> None:
+def nemo_rl_step_files(step_dir: Path, step: int, backend: str) -> None:
     """What CheckpointManager.init_tmp_checkpoint and grpo.py write around the policy."""
     step_dir.mkdir(parents=True, exist_ok=True)
     (step_dir / "training_info.json").write_text(json.dumps({"step": step, "total_steps": step,
@@ -65,7 +66,7 @@ def make_megatron_steps(run: list[Path], ckpt_dir: Path) -> list[Path]:
     steps = []
     for step, src in zip(STEPS, run):
         step_dir = ckpt_dir / f"step_{step}"
-        _step_files(step_dir, step, "megatron")
+        nemo_rl_step_files(step_dir, step, "megatron")
         weights = step_dir / "policy" / "weights"
         weights.mkdir()
         shutil.copytree(src, weights / nemo_rl.BRIDGE_ITER)
@@ -74,17 +75,6 @@ def make_megatron_steps(run: list[Path], ckpt_dir: Path) -> list[Path]:
         bridge_factory.finalize(weights, 0, 0)  # NeMo-RL never advances Bridge's step
         steps.append(step_dir)
     return steps
-
-
-def _tiny_llama(seed: int):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.to(torch.bfloat16)
 
 
 def make_dtensor_steps(ckpt_dir: Path, steps=STEPS) -> list[Path]:
@@ -96,11 +86,11 @@ def make_dtensor_steps(ckpt_dir: Path, steps=STEPS) -> list[Path]:
     out = []
     for i, step in enumerate(steps):
         step_dir = ckpt_dir / f"step_{step}"
-        _step_files(step_dir, step, "dtensor")
-        model = _tiny_llama(i)
+        nemo_rl_step_files(step_dir, step, "dtensor")
+        model = automodel_factory.tiny_llama(i)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for _ in range(i + 1):  # moments and step counts differ between steps
-            ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(i))
+            ids = torch.randint(0, automodel_factory.VOCAB, (2, 8), generator=torch.Generator().manual_seed(i))
             model(ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad()
