@@ -279,3 +279,20 @@ def test_pma_hook_on_a_bridge_save_dir(save, bridge, tmp_path):
     assert [Path(p).name for p in hook.results[0].inputs] == ["iter_0000020", "iter_0000030"]
     assert not (out / "hf").exists() and (out / "train_state.pt").read_bytes() == (save[-1] / "train_state.pt").read_bytes()
     assert _latest_step(bridge, root / "pma") == 30
+
+
+def test_watch_and_the_hook_merge_hf_exports_when_asked(save):
+    """`watch --merge-hf-export` and PMAHook(merge_hf_export=True) (which PMACallback drives with
+    its keyword arguments) pass the option to the engine in their merge child."""
+    from megatron_pma.training import PMAHook
+
+    root = save[0].parent
+    r = cli("watch", "--save-dir", root, "--num-models", "3", "--once", "--merge-hf-export")
+    assert r.returncode == 0 and "merged iteration 30" in r.stderr, r.stderr
+    prov = json.loads((root / "pma" / "iter_0000030" / "pma_provenance.json").read_text())
+    assert prov["hf"].startswith("merged") and "left_out" not in prov
+    with PMAHook(root, 2, merge_hf_export=True, output_root=root / "pma-hook") as hook:
+        hook.on_checkpoint_saved(30)
+    assert [r.status for r in hook.results] == ["ok"], hook.results
+    assert_tensors_close(_hf_tensors(root / "pma-hook" / "iter_0000030" / "hf"),
+                         reference_merge([_hf_tensors(c / "hf") for c in save[1:]], [0.5, 0.5]))
