@@ -192,6 +192,18 @@ def _bad_merge_hf_export_of_different_tensors(save, tmp):
         "key transformer.wte.weight has shape [255, 64]"
 
 
+def _bad_merge_hf_export_nan_found_while_writing(save, tmp):
+    """Found by the ranks writing hf/, after the main merge's tensors: the staging folder goes."""
+    from safetensors.torch import load_file, save_file
+
+    shard = save[0] / "hf" / bridge_factory.HF_SHARDS[1]
+    tensors = load_file(shard)
+    tensors["transformer.h.3.mlp.c_fc.weight"][3, 5] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return ["--save-dir", save[0].parent, "--num-models", "3", "--merge-hf-export"], \
+        f"{shard}: key transformer.h.3.mlp.c_fc.weight holds NaN/Inf"
+
+
 def _bad_merge_hf_export_of_megatron_lm(save, tmp):
     plain = [tmp / "megatron" / c.name for c in save[1:]]  # Megatron-LM's file set: no hf/ export
     for src, dst in zip(save[1:], plain):
@@ -203,6 +215,7 @@ BAD = {f.__name__[5:]: f for f in (_bad_trackers_disagree, _bad_fsdp_dtensor, _b
                                    _bad_mixed_with_megatron_lm, _bad_interval_tokens_without_run_config,
                                    _bad_merge_hf_export_without_an_input_hf,
                                    _bad_merge_hf_export_of_different_tensors,
+                                   _bad_merge_hf_export_nan_found_while_writing,
                                    _bad_merge_hf_export_of_megatron_lm)}
 
 
