@@ -4,9 +4,10 @@ Bridge can write, inside each ``iter_N/``, ``hf/``: its Hugging Face export of t
 (``checkpoint.also_save_hf_checkpoint``; Bridge 0.6.2 ``training/checkpointing.py``
 ``_save_hf_weights``: ``export_hf_weights`` streamed into safetensors shards by
 ``SafeTensorsStateSource.save_generator``, the index, then ``save_artifacts``: config.json,
-generation_config.json, tokenizer files). The export re-lays each tensor out linearly (QKV and
-gate/up split or joined, permuted, renamed; never an offset), so the weighted sum of the inputs'
-exports is the export of the weighted sum, up to one rounding in the export's dtype. A merged
+generation_config.json, tokenizer files; for a PEFT run ``save_hf_adapter``'s adapter files). The
+export re-lays each tensor out linearly (QKV and gate/up split or joined, permuted, transposed,
+renamed; Bridge 0.6.2's mappings add no constant), so the weighted sum of the inputs' exports is
+the export of the weighted sum, up to one rounding in the export's dtype. A merged
 ``hf/`` is therefore the safetensors format's merge of every input's ``hf/``, with the main merge's
 weights and input order; it exists only when every input has one, with the same tensors.
 
