@@ -32,6 +32,10 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *, window: bool = Tr
     g.add_argument("--save-dtype", default="input", choices=list(SAVE_DTYPES),
                    help="dtype of the merged model weights (default input: as stored); optimizer state "
                         "keeps its own")
+    g.add_argument("--merge-hf-export", action="store_true",
+                   help="Megatron-Bridge: the output's hf/ is the merge of every input's Hugging Face export "
+                        "(hf/), with the same weights; refused unless every input has one, with the same "
+                        "tensors (default: left out, recorded in pma_provenance.json)")
     g.add_argument("--optimizer", default="drop", choices=OPTIMIZER_MODES,
                    help="optimizer state in the output (default drop: resume with --no-load-optim/--finetune)")
     if window:
@@ -47,7 +51,7 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *, window: bool = Tr
 def schedule_kwargs(args: argparse.Namespace) -> dict:
     return dict(method=schedules.method_spec(args.method, args.decay), alpha=args.alpha, weights=args.weights,
                 normalize=args.normalize, optimizer=args.optimizer, save_dtype=args.save_dtype,
-                allow_extrapolation=args.allow_extrapolation)
+                allow_extrapolation=args.allow_extrapolation, merge_hf_export=args.merge_hf_export)
 
 
 def check_num_models(n: int | None) -> None:

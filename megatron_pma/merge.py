@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from megatron_pma import formats, layouts, output as out
+from megatron_pma import formats, hf_export, layouts, output as out
 from megatron_pma.checkpoint import publish
 from megatron_pma.checkpoint.discovery import ITER_DIR, iteration_from_name
 from megatron_pma.errors import PMAError
@@ -47,7 +47,7 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
                       num_files: int | None = None, verify_integrity: bool = False,
                       threads: int | None = None, workers: int = 1, order: str = "iteration",
                       save_dtype: str = "input", output_iteration: int | None = None,
-                      allow_extrapolation: bool = False) -> MergeResult:
+                      allow_extrapolation: bool = False, merge_hf_export: bool = False) -> MergeResult:
     """Average checkpoints of one run into a new checkpoint of the same layout and format.
 
     Inputs are sorted oldest -> newest by iteration; ``method`` picks the weights (see
@@ -78,6 +78,10 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
     newest input's, the output's common state (``iteration``, ``args.iteration``; Bridge's
     ``train_state.pt`` step) is rewritten to it. ``allow_extrapolation``: accept custom weights
     that are negative or do not sum to 1 (still finite); recorded in the provenance.
+    ``merge_hf_export``: the output's ``hf/`` is the merge of every input's Megatron-Bridge Hugging
+    Face export, with the same weights (:mod:`megatron_pma.hf_export`; refused unless every input
+    has one, with the same tensors); without it the newest input's ``hf/`` is left out, and the
+    provenance says so.
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -99,7 +103,7 @@ def merge_checkpoints(inputs: Sequence[str | Path], output: str | Path, *, metho
                                                       allow_extrapolation=allow_extrapolation),
                       force=force, allow_nonfinite=allow_nonfinite, update_tracker=update_tracker,
                       progress=progress and group.rank == 0, fsync=fsync, num_files=num_files,
-                      verify_integrity=verify_integrity, threads=threads)
+                      verify_integrity=verify_integrity, threads=threads, merge_hf_export=merge_hf_export)
     finally:
         group.close()
 
@@ -119,37 +123,46 @@ def _output_iteration(output: Path, explicit: int | None) -> int | None:
 
 
 def _merge(inputs, output: Path, group: Group, t0: float, schedule: dict, *, force, allow_nonfinite,
-           update_tracker, progress, fsync, num_files, verify_integrity, threads) -> MergeResult:
+           update_tracker, progress, fsync, num_files, verify_integrity, threads, merge_hf_export) -> MergeResult:
     for path in inputs:  # before a format is guessed from a save dir's contents
         layouts.check_is_checkpoint(path)
     fmt = formats.of_inputs(inputs).load()
     plan = fmt.plan(inputs, group, num_files=num_files, verify_integrity=verify_integrity, **schedule)
     layout = plan.newest.layout
+    hf = hf_export.plan(plan, group) if merge_hf_export else None  # checked before anything exists
     if plan.warning and group.rank == 0:
         print(plan.warning, file=sys.stderr)
     if group.rank == 0 and output.parent.is_dir():
         publish.remove_stale(output)  # debris of killed merges (their owners' locks are free)
     out.check_output(output, plan, force, update_tracker)
     sub = Path(layout.data_subdir)  # where the format's files go inside the output (NeMo 2: weights/)
-    staging = out.open_staging(output, group, ([sub] if sub.parts else []) + [sub / d for d in fmt.staging_dirs(plan)])
+    staging = out.open_staging(output, group, ([sub] if sub.parts else []) + [sub / d for d in fmt.staging_dirs(plan)]
+                               + ([sub / d for d in hf_export.staging_dirs(hf)] if hf else []))
     data = staging.path / sub
-    error, mine = None, ()
+    error, mine, hf_mine = None, (), ()
     try:
-        mine = fmt.write(plan, data, group, allow_nonfinite=allow_nonfinite, fsync=fsync,
-                         progress=lambda total: out.make_progress(progress, total),
-                         threads=threads or max(1, (os.cpu_count() or 1) // max(1, out.local_world(group))))
+        how = dict(allow_nonfinite=allow_nonfinite, fsync=fsync,
+                   progress=lambda total: out.make_progress(progress, total),
+                   threads=threads or max(1, (os.cpu_count() or 1) // max(1, out.local_world(group))))
+        mine = fmt.write(plan, data, group, **how)
+        if hf:  # split over the ranks like the main merge
+            hf_mine = hf_export.write(hf, data, group, **how)
     except PMAError as e:
         error = str(e)
     except Exception as e:  # keep ranks in step: report, then fail everywhere
         error = f"rank {group.rank}: {type(e).__name__}: {e}"
     error = group.first_error(error)
     gathered = [group.gather_dicts(d) for d in mine] if not error else []
+    hf_gathered = [group.gather_dicts(d) for d in hf_mine] if not error else []
     if group.rank == 0:
         try:
             if error is None:
-                left_out = layout.left_out(plan.newest.outer)
+                skip = layout.left_out(plan.newest.outer)  # the format copies none of these from the newest
                 layout.copy_beside(plan.newest.outer, staging.path)
                 extra = fmt.fields(plan, *gathered)
+                left_out = {k: v for k, v in skip.items() if not (hf and k == hf.subdir)}
+                if hf:
+                    extra["hf"] = hf_export.describe(hf)
                 if left_out:  # recorded: nobody should wonder where the newest input's hf/ went
                     extra["left_out"] = left_out
                 extra.update(order=schedule["order"], save_dtype=schedule["save_dtype"],
@@ -157,7 +170,9 @@ def _merge(inputs, output: Path, group: Group, t0: float, schedule: dict, *, for
                 publish.write_json(staging.path / PROVENANCE_FILE,
                                    out.provenance(plan, schedule["alpha"], output, group.world,
                                                   time.perf_counter() - t0, **extra))
-                fmt.finish(plan, data, *gathered, left_out=left_out)
+                fmt.finish(plan, data, *gathered, left_out=skip)
+                if hf:
+                    hf_export.finish(hf, data, *hf_gathered)
                 if plan.restamped:
                     layout.stamp_iteration(staging.path, plan.iteration)
                 publish.publish(staging, output, replace=force, fsync=fsync)
@@ -172,5 +187,7 @@ def _merge(inputs, output: Path, group: Group, t0: float, schedule: dict, *, for
     if error:
         raise PMAError(error)
     nbytes, keys = fmt.summary(plan, output, *gathered)
+    if hf:
+        nbytes += hf_export.bytes_written(hf, output, *hf_gathered)
     return MergeResult(output, [c.iteration for c in plan.inputs], plan.weights, time.perf_counter() - t0,
                        nbytes, keys, [c.outer for c in plan.inputs], plan.iteration)

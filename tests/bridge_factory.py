@@ -22,8 +22,18 @@ save dir the way Bridge's ``train_state_finalize_fn`` (``training/checkpointing.
 as float32, ``latest_train_state.pt`` a copy of it, the ``.txt`` tracker ``str(step)``, and
 ``run_config.yaml``. The run config is written as a plain dict with ConfigContainer's section and
 field names (``cfg.to_yaml`` needs the whole ConfigContainer); Bridge's ``read_run_config`` reads it.
-Also ``tokenizer/`` and an ``hf/`` export (``config.json`` + ``model.safetensors``, which Bridge's
-``is_hf_checkpoint_dir`` recognises) holding that checkpoint's own, unmerged weights.
+Also ``tokenizer/`` and an ``hf/`` export holding that checkpoint's own, unmerged weights (see
+:func:`write_hf_export`).
+
+The ``hf/`` export is written here, not by Bridge's ``_save_hf_weights``: that needs an AutoBridge
+built from a Hugging Face model id, Bridge's conversion stack and a model architecture Bridge maps
+(the fixture's tiny GPT, LayerNorm + GeLU + learned positions, is GPT-2's architecture, which Bridge
+0.6.2 has no bridge for). It is what that export amounts to (Bridge 0.6.2
+``SafeTensorsStateSource.save_generator`` and ``save_artifacts``): each checkpoint's own weights,
+re-laid out per tensor into Hugging Face GPT-2 names (the fused QKV split per head and re-joined,
+weights transposed into GPT-2's Conv1D layout), in bf16, as sharded safetensors files written by
+``safetensors.torch.save_file`` plus their index, config.json, generation_config.json and tokenizer
+files; ``transformers``' ``GPT2LMHeadModel.from_pretrained`` loads it.
 """
 
 from __future__ import annotations
@@ -185,8 +195,77 @@ def make_save_dir(run: list[Path], dest: Path, samples: dict[int, int] | None = 
         tok = ckpt / "tokenizer"
         tok.mkdir()
         (tok / "tokenizer.json").write_text(f'{{"model": "tiny-{it}"}}')
-        hf = ckpt / "hf"  # this checkpoint's own weights, exported: never part of a merge
-        hf.mkdir()
-        (hf / "config.json").write_text('{"model_type": "gpt2"}')
-        (hf / "model.safetensors").write_bytes(b"unmerged weights of " + ckpt.name.encode())
+        write_hf_export(ckpt, ckpt_factory.load_full_tensors(ckpt))  # its own, unmerged weights
     return ckpts
+
+
+HEADS = 4  # the fixture GPT's attention heads (tests/fixtures/gpt_common.py; not in its tensors' shapes)
+HF_DTYPE = torch.bfloat16
+HF_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def hf_export(megatron: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fixture GPT's weights (megatron-core names, layers stacked on dim 0) in Hugging Face
+    GPT-2 names and layouts, as float32: a linear re-layout of each tensor, like Bridge's export."""
+    m = {k: v.float() for k, v in megatron.items()}
+    layers, three_h, hidden = m["decoder.layers.self_attention.linear_qkv.weight"].shape
+    heads, head_dim = HEADS, hidden // HEADS
+    out = {"transformer.wte.weight": m["embedding.word_embeddings.weight"],
+           "transformer.wpe.weight": m["embedding.position_embeddings.weight"],
+           "transformer.ln_f.weight": m["decoder.final_layernorm.weight"],
+           "transformer.ln_f.bias": m["decoder.final_layernorm.bias"],
+           "lm_head.weight": m["output_layer.weight"]}
+    for i in range(layers):
+        at = lambda name: m[f"decoder.layers.{name}"][i]
+        h = f"transformer.h.{i}"
+        # megatron's fused QKV rows go head by head ([q_h, k_h, v_h] per head); GPT-2's c_attn
+        # columns are [q (all heads), k, v] (Conv1D: weights stored [in, out])
+        qkv = at("self_attention.linear_qkv.weight").view(heads, 3, head_dim, hidden).transpose(0, 1)
+        out[f"{h}.attn.c_attn.weight"] = qkv.reshape(three_h, hidden).T
+        out[f"{h}.attn.c_attn.bias"] = at("self_attention.linear_qkv.bias").view(heads, 3, head_dim) \
+            .transpose(0, 1).reshape(three_h)
+        out[f"{h}.ln_1.weight"] = at("self_attention.linear_qkv.layer_norm_weight")
+        out[f"{h}.ln_1.bias"] = at("self_attention.linear_qkv.layer_norm_bias")
+        out[f"{h}.attn.c_proj.weight"] = at("self_attention.linear_proj.weight").T
+        out[f"{h}.attn.c_proj.bias"] = at("self_attention.linear_proj.bias")
+        out[f"{h}.ln_2.weight"] = at("mlp.linear_fc1.layer_norm_weight")
+        out[f"{h}.ln_2.bias"] = at("mlp.linear_fc1.layer_norm_bias")
+        out[f"{h}.mlp.c_fc.weight"] = at("mlp.linear_fc1.weight").T
+        out[f"{h}.mlp.c_fc.bias"] = at("mlp.linear_fc1.bias")
+        out[f"{h}.mlp.c_proj.weight"] = at("mlp.linear_fc2.weight").T
+        out[f"{h}.mlp.c_proj.bias"] = at("mlp.linear_fc2.bias")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_config(megatron: dict[str, torch.Tensor]) -> dict:
+    """config.json of the export: transformers' GPT2Config fields for the fixture GPT."""
+    vocab, hidden = megatron["embedding.word_embeddings.weight"].shape
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
+            "n_positions": megatron["embedding.position_embeddings.weight"].shape[0], "n_embd": hidden,
+            "n_layer": megatron["decoder.layers.self_attention.linear_qkv.weight"].shape[0],
+            "n_head": HEADS, "n_inner": megatron["decoder.layers.mlp.linear_fc1.weight"].shape[1],
+            "activation_function": "gelu", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False,
+            "bos_token_id": 0, "eos_token_id": 0, "dtype": "bfloat16"}
+
+
+def write_hf_export(ckpt: Path, megatron: dict[str, torch.Tensor]) -> Path:
+    """``ckpt/hf``: the export of ``megatron`` (see the module docstring); returns the folder."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hf = Path(ckpt) / "hf"
+    hf.mkdir()
+    tensors = {k: v.to(HF_DTYPE) for k, v in hf_export(megatron).items()}
+    first = lambda name: not name.startswith("transformer.h.") or int(name.split(".")[2]) < 2
+    weight_map = {name: HF_SHARDS[0] if first(name) else HF_SHARDS[1] for name in tensors}
+    for shard in HF_SHARDS:
+        save_file({k: v for k, v in tensors.items() if weight_map[k] == shard}, str(hf / shard),
+                  metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (hf / "config.json").write_text(json.dumps(hf_config(megatron), indent=2))
+    (hf / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0}))
+    (hf / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 32, "saved_by": Path(ckpt).name}))
+    return hf

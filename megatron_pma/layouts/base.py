@@ -82,6 +82,10 @@ class Layout:
     # Optimizer state kept beside the tensor folder in a format of its own (NeMo-RL's DTensor
     # backend: "policy/optimizer"); None where it lives with the tensors or nowhere.
     optimizer_subdir: str | None = None
+    # Megatron-Bridge's Hugging Face export of each checkpoint, a folder inside the tensor folder
+    # ("hf"): merged into the output's only with ``merge_hf_export`` (see megatron_pma.hf_export);
+    # None where the layout has no such export.
+    hf_export_subdir: str | None = None
     # The layout's loader reads an ``optimizer`` entry in the common state as "this checkpoint has
     # optimizer state" (NeMo-RL's get_resume_paths): with --optimizer drop the entry is removed.
     optimizer_flag_in_common_state = False

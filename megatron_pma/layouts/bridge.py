@@ -11,7 +11,8 @@
 
 Bridge's loader reads ``latest_train_state.pt`` first, then the ``.txt`` tracker, so a merge
 writes both, the train state first (Bridge's own order). ``hf/`` holds the unmerged weights of
-the newest input: a merged checkpoint never carries it. ``fsdp_dtensor`` saves (Megatron-FSDP:
+the newest input: a merged checkpoint never carries it (``merge_hf_export`` writes a merged one
+instead, from every input's ``hf/``). ``fsdp_dtensor`` saves (Megatron-FSDP:
 a plain DCP ``.metadata``, no ``metadata.json``) are refused: their tensors are DTensor shards
 this engine does not read.
 """
@@ -33,6 +34,7 @@ HF_EXPORT = "hf"
 
 class Bridge(Layout):
     name = "Megatron-Bridge"
+    hf_export_subdir = HF_EXPORT
 
     def owns(self, path: Path) -> bool:
         return _is_file(Path(path) / RUN_CONFIG) or _is_file(Path(path) / TRAIN_STATE)
@@ -68,7 +70,8 @@ class Bridge(Layout):
     def left_out(self, newest: Path) -> dict[str, str]:
         if (Path(newest) / HF_EXPORT).exists():
             return {HF_EXPORT: "Megatron-Bridge's Hugging Face export of the newest input alone (unmerged "
-                               "weights); convert the merged checkpoint to get merged Hugging Face weights"}
+                               "weights); convert the merged checkpoint, or merge with --merge-hf-export, "
+                               "to get merged Hugging Face weights"}
         return {}
 
     def stamp_iteration(self, stage: Path, iteration: int) -> None:

@@ -36,7 +36,7 @@ TRAINING_INFO = "training_info.json"
 POLICY, WEIGHTS, OPTIMIZER = "policy", "weights", "optimizer"
 BRIDGE_ITER = "iter_0000000"   # the one checkpoint of the Megatron backend's Bridge save dir
 MODEL = "model"                # the DTensor backend's weights folder (Automodel's save_model)
-HF_EXPORT = "hf"               # Bridge's per-checkpoint Hugging Face export: never merged
+HF_EXPORT = "hf"               # Bridge's per-checkpoint Hugging Face export: merged only when asked
 
 
 def step_root(path: Path) -> Path | None:
@@ -64,6 +64,8 @@ class NeMoRL(Layout):
     def __init__(self, backend: str, title: str, data_subdir: str, optimizer_subdir: str | None):
         self.backend, self.name, self.data_subdir = backend, f"NeMo-RL ({title} backend)", data_subdir
         self.optimizer_subdir = optimizer_subdir
+        # the Megatron backend's iter_0000000 is a Bridge checkpoint: it may hold Bridge's hf/ export
+        self.hf_export_subdir = HF_EXPORT if backend == "megatron" else None
         # Megatron backend: get_resume_paths (nemo_rl/utils/checkpoint.py, v0.6-v0.7) loads the
         # optimizer iff iter_0000000/common.pt has an "optimizer" entry
         self.optimizer_flag_in_common_state = optimizer_subdir is None

@@ -88,6 +88,8 @@ class PMAHook:
         save_dtype: ``input`` (default) | ``fp32`` | ``bf16`` | ``fp16``: dtype of the merged model
             weights (optimizer state keeps its own).
         allow_extrapolation: accept custom ``weights`` that are negative or do not sum to 1.
+        merge_hf_export: Megatron-Bridge runs that save an ``hf/`` export with every checkpoint
+            (``checkpoint.also_save_hf_checkpoint``): each merge gets the merged ``hf/`` too.
         output_root: where merges go (default ``<save_dir>/pma``); outputs ``<output_root>/iter_XXXXXXX``.
         keep_last: keep only this many merged checkpoints under ``output_root`` (None: keep all).
         merge_fn: the merge function. A ``"module:function"`` string (default: the real engine) runs
@@ -117,6 +119,7 @@ class PMAHook:
         optimizer: str = "drop",
         save_dtype: str = "input",
         allow_extrapolation: bool = False,
+        merge_hf_export: bool = False,
         output_root: Union[str, os.PathLike, None] = None,
         keep_last: Optional[int] = None,
         merge_fn: Union[str, Callable, None] = None,
@@ -139,6 +142,7 @@ class PMAHook:
         self.optimizer = optimizer
         self.save_dtype = save_dtype
         self.allow_extrapolation = bool(allow_extrapolation)
+        self.merge_hf_export = bool(merge_hf_export)
         self.output_root = Path(output_root) if output_root is not None else self.save_dir / "pma"
         self.keep_last = keep_last
         self.merge_fn = merge_fn if merge_fn is not None else DEFAULT_MERGE_FN
@@ -253,6 +257,7 @@ class PMAHook:
                              # the defaults are left out: a custom merge_fn need not know them
                              "save_dtype": self.save_dtype if self.save_dtype != "input" else None,
                              "allow_extrapolation": self.allow_extrapolation or None,
+                             "merge_hf_export": self.merge_hf_export or None,
                              # engine functions (given as "module:function") take threads too
                              "threads": self.threads if isinstance(self.merge_fn, str) else None},
             "merge_fn": self.merge_fn if isinstance(self.merge_fn, str) else None,

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import bridge_factory
 import ckpt_factory
@@ -93,6 +94,61 @@ def test_interval_tokens_come_from_the_train_state_and_run_config(save, tmp_path
     assert "iteration:weight 10:0.5, 30:0.5" in r.stdout, r.stdout
 
 
+def _hf_tensors(folder: Path) -> dict:
+    """Every tensor of a Hugging Face folder, read with the safetensors library itself."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def test_merge_hf_export_merges_every_inputs_hf(save, tmp_path):
+    """--merge-hf-export: the output's hf/ is the merge of the inputs' hf/ exports with the main
+    merge's weights (equal, up to bf16 rounding, to exporting the merged checkpoint), written over
+    the ranks like the main merge; transformers loads it; everything else is as without the flag."""
+    root, weights = save[0].parent, schedules.wma(3)
+    outs = {name: root / "pma" / name / "iter_0000030" for name in ("hf", "plain", "hf1")}
+    for name, flags in (("hf", ["--merge-hf-export", "--workers", "2"]), ("plain", ["--workers", "2"]),
+                        ("hf1", ["--merge-hf-export", "--workers", "1"])):
+        outs[name].parent.mkdir(parents=True)
+        r = cli("merge", "--save-dir", root, "--num-models", "3", "--method", "wma", "--output", outs[name],
+                "--quiet", *flags)
+        assert r.returncode == 0, r.stderr
+    out = outs["hf"]
+    got = _hf_tensors(out / "hf")
+    assert_tensors_close(got, reference_merge([_hf_tensors(c / "hf") for c in save], weights))
+    # the export of the merge: exporting is linear, so the two differ by bf16 roundings only
+    # (each input's export and the merged one: at most 2^-8 of the magnitudes each, x2 margin)
+    exported = bridge_factory.hf_export(ckpt_factory.load_full_tensors(out))
+    inputs = [bridge_factory.hf_export(ckpt_factory.load_full_tensors(c)) for c in save]
+    for key, value in got.items():
+        scale = sum(w * e[key].abs() for w, e in zip(weights, inputs)) + value.float().abs()
+        assert ((value.float() - exported[key]).abs() <= 2 ** -7 * scale + 1e-6).all(), key
+    # the newest input's index, config, tokenizer and generation files, as they were
+    hf_files = sorted(p.name for p in (save[-1] / "hf").iterdir())
+    assert sorted(p.name for p in (out / "hf").iterdir()) == hf_files
+    for name in hf_files:
+        if not name.endswith(".safetensors"):
+            assert (out / "hf" / name).read_bytes() == (save[-1] / "hf" / name).read_bytes(), name
+    # 2 processes or 1 write the same bytes; without the flag, the same checkpoint but hf/
+    assert tree_digest(out / "hf") == tree_digest(outs["hf1"] / "hf")
+    with_hf, plain = tree_digest(out), tree_digest(outs["plain"])
+    assert {k: v for k, v in with_hf.items() if not k.startswith("hf/") and k != "pma_provenance.json"} \
+        == {k: v for k, v in plain.items() if k != "pma_provenance.json"}
+    prov, plain_prov = (json.loads((o / "pma_provenance.json").read_text()) for o in (out, outs["plain"]))
+    assert prov["hf"].startswith("merged (hf/ of every input") and "left_out" not in prov
+    assert [i["weight"] for i in prov["inputs"]] == weights and "hf" not in plain_prov
+    assert "hf" in plain_prov["left_out"]
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(out / "hf")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in got.items()) and set(loaded) == set(got)
+
+
 def _bad_trackers_disagree(save, tmp):
     (save[0].parent / "latest_checkpointed_iteration.txt").write_text("20")
     return ["--save-dir", save[0].parent, "--num-models", "2"], "trackers disagree"
@@ -119,8 +175,48 @@ def _bad_interval_tokens_without_run_config(save, tmp):
     return ["--save-dir", save[0].parent, "--num-models", "2", "--interval-tokens", "100"], "no run_config.yaml"
 
 
+def _bad_merge_hf_export_without_an_input_hf(save, tmp):
+    shutil.rmtree(save[1] / "hf")  # saved without checkpoint.also_save_hf_checkpoint
+    return ["--save-dir", save[0].parent, "--num-models", "3", "--merge-hf-export"], \
+        f"{save[1] / 'hf'}: no Hugging Face export here"
+
+
+def _bad_merge_hf_export_of_different_tensors(save, tmp):
+    from safetensors.torch import load_file, save_file
+
+    shard = save[0] / "hf" / bridge_factory.HF_SHARDS[0]
+    tensors = load_file(shard)
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:-1].clone()  # another vocab size
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return ["--save-dir", save[0].parent, "--num-models", "3", "--merge-hf-export"], \
+        "key transformer.wte.weight has shape [255, 64]"
+
+
+def _bad_merge_hf_export_nan_found_while_writing(save, tmp):
+    """Found by the ranks writing hf/, after the main merge's tensors: the staging folder goes."""
+    from safetensors.torch import load_file, save_file
+
+    shard = save[0] / "hf" / bridge_factory.HF_SHARDS[1]
+    tensors = load_file(shard)
+    tensors["transformer.h.3.mlp.c_fc.weight"][3, 5] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return ["--save-dir", save[0].parent, "--num-models", "3", "--merge-hf-export"], \
+        f"{shard}: key transformer.h.3.mlp.c_fc.weight holds NaN/Inf"
+
+
+def _bad_merge_hf_export_of_megatron_lm(save, tmp):
+    plain = [tmp / "megatron" / c.name for c in save[1:]]  # Megatron-LM's file set: no hf/ export
+    for src, dst in zip(save[1:], plain):
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("run_config.yaml", "train_state.pt", "hf"))
+    return [*plain, "--merge-hf-export"], "a Megatron-LM checkpoint has no Hugging Face export"
+
+
 BAD = {f.__name__[5:]: f for f in (_bad_trackers_disagree, _bad_fsdp_dtensor, _bad_fsdp_dtensor_in_save_dir,
-                                   _bad_mixed_with_megatron_lm, _bad_interval_tokens_without_run_config)}
+                                   _bad_mixed_with_megatron_lm, _bad_interval_tokens_without_run_config,
+                                   _bad_merge_hf_export_without_an_input_hf,
+                                   _bad_merge_hf_export_of_different_tensors,
+                                   _bad_merge_hf_export_nan_found_while_writing,
+                                   _bad_merge_hf_export_of_megatron_lm)}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -196,3 +292,20 @@ def test_pma_hook_on_a_bridge_save_dir(save, bridge, tmp_path):
     assert [Path(p).name for p in hook.results[0].inputs] == ["iter_0000020", "iter_0000030"]
     assert not (out / "hf").exists() and (out / "train_state.pt").read_bytes() == (save[-1] / "train_state.pt").read_bytes()
     assert _latest_step(bridge, root / "pma") == 30
+
+
+def test_watch_and_the_hook_merge_hf_exports_when_asked(save):
+    """`watch --merge-hf-export` and PMAHook(merge_hf_export=True) (which PMACallback drives with
+    its keyword arguments) pass the option to the engine in their merge child."""
+    from megatron_pma.training import PMAHook
+
+    root = save[0].parent
+    r = cli("watch", "--save-dir", root, "--num-models", "3", "--once", "--merge-hf-export")
+    assert r.returncode == 0 and "merged iteration 30" in r.stderr, r.stderr
+    prov = json.loads((root / "pma" / "iter_0000030" / "pma_provenance.json").read_text())
+    assert prov["hf"].startswith("merged") and "left_out" not in prov
+    with PMAHook(root, 2, merge_hf_export=True, output_root=root / "pma-hook") as hook:
+        hook.on_checkpoint_saved(30)
+    assert [r.status for r in hook.results] == ["ok"], hook.results
+    assert_tensors_close(_hf_tensors(root / "pma-hook" / "iter_0000030" / "hf"),
+                         reference_merge([_hf_tensors(c / "hf") for c in save[1:]], [0.5, 0.5]))

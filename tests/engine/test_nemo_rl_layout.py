@@ -173,6 +173,27 @@ def test_merge_megatron_backend_save_dir_into_a_step_folder(megatron_steps, opti
         assert merged["iteration"] == last["iteration"] and vars(merged["args"]) == vars(last["args"])
 
 
+def test_merge_hf_export_of_megatron_backend_steps(megatron_steps):
+    """--merge-hf-export where each step's Bridge checkpoint holds an hf/ export. NeMo-RL v0.7 never
+    asks Bridge for one (nemo_rl/models/megatron/setup.py builds its CheckpointConfig without
+    also_save_hf_checkpoint), a run that sets it gets one per step: written here as in
+    bridge_factory (each checkpoint's own weights, re-laid out into GPT-2 names)."""
+    bridge_iter = Path("policy") / "weights" / nemo_rl.BRIDGE_ITER
+    for step in megatron_steps:
+        bridge_factory.write_hf_export(step / bridge_iter, ckpt_factory.load_full_tensors(step / bridge_iter))
+    root = megatron_steps[0].parent
+    out = root / "pma" / "step_30"
+    out.parent.mkdir()
+    r = cli("merge", "--save-dir", root, "--num-models", "3", "--method", "wma", "-o", out, "--merge-hf-export",
+            "-q")
+    assert r.returncode == 0, r.stderr
+    assert_tensors_close(_st_tensors(out / bridge_iter / "hf"),
+                         reference_merge([_st_tensors(s / bridge_iter / "hf") for s in megatron_steps],
+                                         schedules.wma(3)))
+    prov = json.loads((out / "pma_provenance.json").read_text())
+    assert prov["hf"].startswith("merged") and "left_out" not in prov
+
+
 def _nemo_rl_resume_paths(step: Path):
     """``CheckpointManager.get_resume_paths`` of the real NeMo-RL v0.7.0 source (../shared/upstream)."""
     import warnings
