@@ -27,7 +27,8 @@ def _dependencies() -> list[str]:
     if tomllib is None:
         pytest.skip("tomllib needs Python >= 3.11")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return [re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0] for d in project["dependencies"]]
+    # one name per distribution (ml-dtypes has one entry per Python range)
+    return sorted({re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0] for d in project["dependencies"]})
 
 
 # Each hard dependency and the top-level modules it installs (a Bridge run_config.yaml needs yaml).
