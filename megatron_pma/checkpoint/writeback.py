@@ -38,6 +38,11 @@ def start(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def wants_thread(threads: int | None) -> bool:
+    """A write-behind thread pays where the process may use a second core (None: assume it may)."""
+    return threads is None or threads > 1
+
+
 class WriteBehind:
     """Positioned writes to one file descriptor, done by a background thread: the copy into the
     page cache and the disk's writeback then overlap the merge's arithmetic instead of following
@@ -51,6 +56,7 @@ class WriteBehind:
     caller's thread instead (a process with no spare core: the thread would only add switching)."""
 
     RING = 3  # buffers a caller rotates: one being filled, one queued, one being written
+    PIECE = 16 << 20  # bytes per write when copying a range: at most RING pieces are in memory
     _STOP = object()
 
     def __init__(self, fd: int, queue_writeback: bool, threaded: bool = True, step: int = 16 << 20):

@@ -304,8 +304,8 @@ def _write_job(plan: Plan, job: Job, out: Path, files: _Files, scratch: slab_mat
             behind.write(job.payload, 0)
             return
         fd = files.fd(newest_path, "r")
-        for pos in range(0, job.nbytes, 16 << 20):  # at most three pieces in flight behind us
-            n = min(16 << 20, job.nbytes - pos)
+        for pos in range(0, job.nbytes, behind.PIECE):
+            n = min(behind.PIECE, job.nbytes - pos)
             behind.write(os.pread(fd, n, job.src + pos), job.offset + pos)
         return
     # each input's own offset: headers differ in length (their __metadata__, the tensor order)
@@ -357,7 +357,7 @@ def write(plan: Plan, data: Path, group, *, allow_nonfinite: bool, progress, fsy
     ({file: bytes written}, {chunk: storage info}, {file: sha256})."""
     mine = _my_jobs(plan.jobs, group.rank, group.world)
     update, close_bar = progress(sum(j.nbytes for j in mine))
-    files, scratch, written = _Files(fsync, threaded=(threads or 2) > 1), slab_math.Scratch(), {}
+    files, scratch, written = _Files(fsync, threaded=writeback.wants_thread(threads)), slab_math.Scratch(), {}
     try:
         for job in mine:
             _write_job(plan, job, data, files, scratch, allow_nonfinite)

@@ -525,11 +525,11 @@ class _Output:
 
 
 def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, scratch: slab_math.Scratch,
-                allow_nonfinite: bool, progress, fsync: bool, threads: int) -> dict[MetadataIndex, StorageInfo]:
+                allow_nonfinite: bool, progress, fsync: bool, threaded: bool) -> dict[MetadataIndex, StorageInfo]:
     storage: dict[MetadataIndex, StorageInfo] = {}
     try:
         with open(path, "wb") as f:
-            out = _Output(f, fsync, threaded=threads > 1)
+            out = _Output(f, fsync, threaded)
             try:
                 for job in jobs:
                     start = out.tell()
@@ -552,7 +552,7 @@ def _write_file(plan: MergePlan, jobs: list[Job], path: Path, reader: _Reader, s
     return storage
 
 
-def _copy_range(src_path: str, offset: int, length: int, f, piece: int = 16 << 20) -> None:
+def _copy_range(src_path: str, offset: int, length: int, f, piece: int = writeback.WriteBehind.PIECE) -> None:
     for pos in range(offset, offset + length, piece):  # pieces: a big kept moment never sits in memory whole
         # (at most three pieces are in flight behind _Output)
         f.write(dcp.read_bytes(src_path, pos, min(piece, offset + length - pos)))
@@ -607,7 +607,7 @@ def staging_dirs(plan: MergePlan) -> list[Path]:
 def write(plan: MergePlan, data: Path, group, *, allow_nonfinite: bool, progress, fsync: bool,
           threads: int | None = None) -> tuple[dict, dict]:
     """This rank's share of the output files: ({chunk index: storage info}, {file: sha256}).
-    ``threads``: cores this process may use (None: two); with two or more, a thread writes."""
+    ``threads``: cores this process may use (None: unknown); see writeback.wants_thread."""
     files = plan.files()
     mine = _my_files(files, group.rank, group.world)
     update, close_bar = progress(sum(j.nbytes for b in mine for j in files[b]))
@@ -620,7 +620,7 @@ def write(plan: MergePlan, data: Path, group, *, allow_nonfinite: bool, progress
         for b in mine:
             name = f"__{b}_0.distcp"
             storage.update(_write_file(plan, files[b], data / name, reader, scratch, allow_nonfinite, update,
-                                       fsync, threads or 2))
+                                       fsync, writeback.wants_thread(threads)))
             if manifest:  # hash while the file is hot in the page cache, on the rank that wrote it
                 digests[name] = integrity.file_sha256(data / name)
     finally:
