@@ -44,39 +44,42 @@ def wants_thread(threads: int | None) -> bool:
 
 
 class WriteBehind:
-    """Positioned writes to one file descriptor, done by a background thread: the copy into the
-    page cache and the disk's writeback then overlap the merge's arithmetic instead of following
-    it (a one-process merge spent half its time inside write()). Ranges of ``step`` bytes are
-    queued for writeback (:func:`start`) as they are written when ``queue_writeback``.
+    """Positioned writes done by one background thread per process: the copy into the page
+    cache and the disk's writeback then overlap the merge's arithmetic instead of following it
+    (a one-process merge spent half its time inside write()). Ranges of ``step`` bytes of each
+    file are queued for writeback (:func:`start`) as they are written when ``queue_writeback``.
 
     :meth:`write` hands a buffer over and returns once the write handed over two calls earlier is
-    done, so a caller may change a buffer again after two later ones were handed over
-    (``slab_math.weighted_slabs(ring=RING)``). The first error is raised by the next
-    call, or by :meth:`drain`; later writes are then skipped. ``threaded=False`` writes in the
-    caller's thread instead (a process with no spare core: the thread would only add switching)."""
+    done, whichever file either goes to, so a caller may change a buffer again after two later
+    ones were handed over (``slab_math.weighted_slabs(ring=RING)``). That holds only for writes
+    through the same instance: a process writing several files at once shares one (one thread
+    per file let a file's pending slab be rewritten for the next file's tensor). The first error
+    is raised by the next call, or by :meth:`drain`; later writes are then skipped.
+    ``threaded=False`` writes in the caller's thread instead (a process with no spare core: the
+    thread would only add switching)."""
 
     RING = 3  # buffers a caller rotates: one being filled, one queued, one being written
     PIECE = 16 << 20  # bytes per write when copying a range: at most RING pieces are in memory
     _STOP = object()
 
-    def __init__(self, fd: int, queue_writeback: bool, threaded: bool = True, step: int = 16 << 20):
-        self._fd, self._queue_writeback, self._step = fd, queue_writeback, step
-        self._lo = self._hi = 0  # written but not yet queued for writeback (the writing thread's)
+    def __init__(self, queue_writeback: bool, threaded: bool = True, step: int = 16 << 20):
+        self._queue_writeback, self._step = queue_writeback, step
+        self._ranges: dict[int, list[int]] = {}  # fd -> [lo, hi): written, not yet queued for writeback
         self._error: BaseException | None = None
         self._items: queue.Queue = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._run, name="pma-write-behind", daemon=True) if threaded else None
         if self._thread is not None:
             self._thread.start()
 
-    def write(self, data, pos: int) -> int:
-        """Hand ``data`` over to be written at ``pos``; returns its length in bytes."""
+    def write(self, fd: int, data, pos: int) -> int:
+        """Hand ``data`` over to be written to ``fd`` at ``pos``; returns its length in bytes."""
         self._raise()
         view = memoryview(data).cast("B")
         nbytes = view.nbytes
         if self._thread is None:
-            self._pwrite(view, pos)
+            self._pwrite(fd, view, pos)
         else:
-            self._items.put((view, pos))
+            self._items.put((fd, view, pos))
         return nbytes
 
     def drain(self) -> None:
@@ -86,9 +89,10 @@ class WriteBehind:
         self._raise()
 
     def close(self) -> None:
-        """Stop the thread (after what was handed over); errors are left to :meth:`drain`."""
+        """Stop the thread (after what was handed over); errors are left to :meth:`drain`.
+        Call it before closing the file descriptors written to."""
         if self._thread is None:
-            self._flush_range()
+            self._flush_ranges()
         elif self._thread.is_alive():
             self._items.put(self._STOP)
             self._thread.join()
@@ -108,7 +112,7 @@ class WriteBehind:
             item = self._items.get()
             try:
                 if item is self._STOP:
-                    self._flush_range()
+                    self._flush_ranges()
                     return
                 if self._error is None:
                     self._pwrite(*item)
@@ -117,21 +121,27 @@ class WriteBehind:
             finally:
                 self._items.task_done()
 
-    def _pwrite(self, view: memoryview, pos: int) -> None:
+    def _pwrite(self, fd: int, view: memoryview, pos: int) -> None:
         first = pos
         while view.nbytes:
-            n = os.pwrite(self._fd, view, pos)
+            n = os.pwrite(fd, view, pos)
             view, pos = view[n:], pos + n
         if not self._queue_writeback:
             return
-        if first != self._hi:  # not where the last write ended: queue that range, start anew
-            self._flush_range()
-            self._lo = first
-        self._hi = pos
-        if self._hi - self._lo >= self._step:
-            self._flush_range()
+        r = self._ranges.setdefault(fd, [first, first])
+        if first != r[1]:  # not where the file's last write ended: queue that range, start anew
+            self._flush(fd, r)
+            r[0] = first
+        r[1] = pos
+        if r[1] - r[0] >= self._step:
+            self._flush(fd, r)
 
-    def _flush_range(self) -> None:
-        if self._queue_writeback and self._hi > self._lo:
-            start(self._fd, self._lo, self._hi - self._lo)
-        self._lo = self._hi
+    def _flush(self, fd: int, r: list[int]) -> None:
+        if r[1] > r[0]:
+            start(fd, r[0], r[1] - r[0])
+        r[0] = r[1]
+
+    def _flush_ranges(self) -> None:
+        if self._queue_writeback:
+            for fd, r in self._ranges.items():
+                self._flush(fd, r)

@@ -252,8 +252,10 @@ class _Files:
 
     def __init__(self, fsync: bool = True, threaded: bool = True):
         self._fds: dict[tuple[str, str], int] = {}
-        self._behind: dict[int, writeback.WriteBehind] = {}
-        self._fsync, self._threaded = fsync, threaded
+        # one writer thread for every output file: the slab ring's reuse rule counts the writes of
+        # all of them (a thread per file let a file's pending slab be rewritten for the next file)
+        self._writer = writeback.WriteBehind(queue_writeback=fsync, threaded=threaded)
+        self._fsync = fsync
 
     def fd(self, path: Path, mode: str) -> int:
         key = (str(path), mode)
@@ -262,26 +264,20 @@ class _Files:
             self._fds[key] = os.open(path, flags, 0o666)
         return self._fds[key]
 
-    def behind(self, path: Path) -> writeback.WriteBehind:
-        """The output file's writer thread (see :class:`writeback.WriteBehind`)."""
-        fd = self.fd(path, "w")
-        if fd not in self._behind:
-            self._behind[fd] = writeback.WriteBehind(fd, queue_writeback=self._fsync, threaded=self._threaded)
-        return self._behind[fd]
+    def write(self, path: Path, data, pos: int) -> int:
+        """Hand ``data`` to the writer thread for ``path`` at ``pos`` (:class:`writeback.WriteBehind`)."""
+        return self._writer.write(self.fd(path, "w"), data, pos)
 
     def drain(self) -> None:
-        """Everything handed to the writer threads is in the files (then fsync'd when asked)."""
-        for w in self._behind.values():
-            w.drain()
+        """Everything handed to the writer thread is in the files (then fsync'd when asked)."""
+        self._writer.drain()
         if self._fsync:  # each rank syncs what it wrote, in parallel
             for (_, mode), fd in self._fds.items():
                 if mode == "w":
                     os.fsync(fd)
 
     def close(self) -> None:
-        for w in self._behind.values():
-            w.close()
-        self._behind.clear()
+        self._writer.close()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -295,18 +291,19 @@ def _pread(fd: int, buf: np.ndarray, pos: int, path: Path) -> None:
 
 def _write_job(plan: Plan, job: Job, out: Path, files: _Files, scratch: slab_math.Scratch,
                allow_nonfinite: bool) -> None:
-    behind = files.behind(out / job.file)
+    dest = out / job.file
     newest_path = plan.newest.path / job.file
     if not job.merge:  # the header (and the file's full length), or a tensor the newest decides
         if job.name is None:
-            os.ftruncate(files.fd(out / job.file, "w"), plan.sizes[job.file])
+            os.ftruncate(files.fd(dest, "w"), plan.sizes[job.file])
         if job.payload is not None:
-            behind.write(job.payload, 0)
+            files.write(dest, job.payload, 0)
             return
         fd = files.fd(newest_path, "r")
-        for pos in range(0, job.nbytes, behind.PIECE):
-            n = min(behind.PIECE, job.nbytes - pos)
-            behind.write(os.pread(fd, n, job.src + pos), job.offset + pos)
+        piece = writeback.WriteBehind.PIECE
+        for pos in range(0, job.nbytes, piece):
+            n = min(piece, job.nbytes - pos)
+            files.write(dest, os.pread(fd, n, job.src + pos), job.offset + pos)
         return
     # each input's own offset: headers differ in length (their __metadata__, the tensor order)
     srcs = [(files.fd(c.path / job.file, "r"), c.path / job.file, c.checkpoint.files[job.file].tensors[job.name].offset)
@@ -331,7 +328,7 @@ def _write_job(plan: Plan, job: Job, out: Path, files: _Files, scratch: slab_mat
     for slab in slab_math.weighted_slabs(read, plan.weights, job.dtype, job.nbytes // (job.out_dtype or job.dtype).itemsize,
                                          SLAB_ELEMENTS, scratch, not allow_nonfinite, nonfinite, job.out_dtype,
                                          ring=writeback.WriteBehind.RING):
-        pos += behind.write(slab, pos)  # written by a thread while the next slab is computed
+        pos += files.write(dest, slab, pos)  # written by a thread while the next slab is computed
 
 
 def _my_jobs(jobs: list[Job], rank: int, world: int) -> list[Job]:

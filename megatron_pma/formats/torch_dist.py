@@ -4,7 +4,7 @@ streaming weighted sum written as DCP files.
 No model is built and nothing is resharded: every stored chunk (key, offsets) of the output is
 the weighted sum of the same chunk of every input, accumulated in fp32 slab by slab and streamed
 to the output in the input dtype.
-Memory per process is a few 4 MiB slabs, whatever the model size or k (a chunk past 4 GiB, which
+Memory per process is a few 2 MiB slabs, whatever the model size or k (a chunk past 4 GiB, which
 needs ZIP64, is assembled whole for torch.save). numpy does the arithmetic: torch is never
 imported. Under ``torchrun`` / ``srun`` / ``--workers`` the output files are split over ranks;
 which chunk lands in which output file does not depend on the number of processes, so 1 and P
@@ -500,10 +500,11 @@ class _Output:
 
     def __init__(self, file, fsync: bool, threaded: bool):
         self.file, self._pos = file, 0
-        self._behind = writeback.WriteBehind(file.fileno(), queue_writeback=fsync, threaded=threaded)
+        # one file at a time per process (closed before the next): its own thread is the process's
+        self._behind = writeback.WriteBehind(queue_writeback=fsync, threaded=threaded)
 
     def write(self, data) -> int:
-        n = self._behind.write(data, self._pos)
+        n = self._behind.write(self.file.fileno(), data, self._pos)
         self._pos += n
         return n
 

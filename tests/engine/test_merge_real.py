@@ -2,6 +2,8 @@
 independent full-tensor reference computed with plain torch.distributed.checkpoint."""
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,9 @@ import torch
 
 import ckpt_factory
 from helpers import assert_tensors_close, cli, reference_merge, torchrun_cli
-from megatron_pma import schedules
+from megatron_pma import merge_checkpoints, schedules
+from megatron_pma.checkpoint import writeback
+from megatron_pma.formats import torch_dist
 from megatron_pma.merge import optimizer_role
 
 
@@ -37,6 +41,34 @@ def test_tp2_merge_equals_reference(gpt_tp2, tmp_path, method, extra, weights):
     assert prov["method"] == method
     # common state is the newest input's, byte for byte
     assert (out / "common.pt").read_bytes() == (gpt_tp2[-1] / "common.pt").read_bytes()
+
+
+@pytest.mark.parametrize("fixture, save_dtype", [("gpt_tp2", "input"), ("gpt_bf16", "input"), ("gpt_tp2", "bf16")])
+def test_a_lagging_writer_thread_never_gets_a_reused_slab(fixture, save_dtype, request, tmp_path, monkeypatch):
+    """The merge's slabs rotate through three buffers behind the writer thread: with every write
+    of that thread delayed (5 ms) and small slabs, the merge keeps it two writes behind all along (a
+    ring of two buffers fails here), and the output
+    must still be the reference (as the safetensors writer's regression test; the delay only makes
+    a broken reuse rule certain to show, the check does not depend on the timing)."""
+    run, real_pwrite, lagged = request.getfixturevalue(fixture), os.pwrite, []
+
+    def lagging(fd, data, pos):
+        if threading.current_thread().name == "pma-write-behind":
+            lagged.append(fd)
+            threading.Event().wait(0.005)
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(writeback.os, "pwrite", lagging)
+    monkeypatch.setattr(torch_dist, "SLAB_ELEMENTS", 1024)  # many slabs per tensor: consecutive slab writes
+    out = tmp_path / "merged"
+    merge_checkpoints(run, out, save_dtype=save_dtype, threads=2, workers=1, progress=False, fsync=False)
+    assert len(lagged) > 10, "the merge did not write through the writer thread"
+    ins = [{k: v for k, v in ckpt_factory.load_full_tensors(p).items() if optimizer_role(k) is None} for p in run]
+    ref = reference_merge(ins, schedules.sma(3))
+    if save_dtype == "bf16":
+        ref = {k: v.to(torch.bfloat16) if v.is_floating_point() and not k.endswith("_extra_state") else v
+               for k, v in ref.items()}
+    assert_tensors_close(ckpt_factory.load_full_tensors(out), ref)
 
 
 @pytest.mark.parametrize("fixture", ["gpt_tp2_pp2", "gpt_bf16"])

@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import REPO, assert_tensors_close, cli, reference_merge, tree_digest
-from megatron_pma import layouts, schedules
-from megatron_pma.checkpoint import safetensors_file
+from megatron_pma import layouts, merge_checkpoints, schedules
+from megatron_pma.checkpoint import safetensors_file, writeback
 from megatron_pma.errors import PMAError
+from megatron_pma.formats import safetensors as safetensors_format
 from megatron_pma.layouts import hugging_face
 
 transformers = pytest.importorskip("transformers")
@@ -290,6 +292,34 @@ def test_a_damaged_header_reads_or_is_refused_in_one_line(small_file, tmp_path_f
 
 # ---------------------------------------------------------------------------------------------
 # With --save-dtype, --order given, --output-iteration (the options of issue 17)
+
+
+@pytest.mark.parametrize("save_dtype", ["input", "bf16"])
+def test_a_lagging_file_write_never_gets_the_next_files_bytes(hf_run, tmp_path, monkeypatch, save_dtype):
+    """Regression: repeating the suite once produced a --save-dtype bf16 merge in which a tensor
+    held another tensor's merged bytes (the writer had a thread per output file, and the next
+    file's slabs reused a buffer still queued for the previous one). Here the writer thread's
+    writes to the first output file wait 0.2 s each, so the merge moves on to the next files while
+    they are pending; the output must still be the reference. The hold only makes that bug
+    certain to show: the check itself does not depend on the timing."""
+    first_fd, real_pwrite = [], os.pwrite
+
+    def lagging(fd, data, pos):
+        if threading.current_thread().name == "pma-write-behind":
+            first_fd[:] = first_fd or [fd]
+            if fd == first_fd[0]:
+                threading.Event().wait(0.2)
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(writeback.os, "pwrite", lagging)
+    monkeypatch.setattr(safetensors_format, "SLAB_ELEMENTS", 1024)  # several slabs per tensor
+    out = tmp_path / "merged"
+    merge_checkpoints(hf_run, out, save_dtype=save_dtype, threads=2, workers=1, progress=False, fsync=False)
+    assert first_fd, "the merge did not write through the writer thread"
+    ref = reference_merge([_tensors(c) for c in hf_run], [1 / 3] * 3)
+    if save_dtype == "bf16":
+        ref = {k: v.to(torch.bfloat16) for k, v in ref.items()}
+    assert_tensors_close(_tensors(out), ref)
 
 
 def test_save_dtype_rewrites_headers_and_index_sizes(hf_run, tmp_path):
