@@ -122,12 +122,23 @@ pma_srun() {
 }
 
 # Send a signal to the tasks of this job's step named NAME (scancel --signal: no forced kill).
-# Returns 1 only when no such step exists. (scancel may report an error for the nodes of the job that do
-# not run the step although the signal was delivered, so its status is not used.)
+# Returns 1 only when no such step is found. squeue is asked up to 5 times, a second apart: a busy
+# slurmctld can fail a query (the caller's fallback, signalling srun, cancels the step instead).
+# (scancel may report an error for the nodes of the job that do not run the step although the signal
+# was delivered, so its status is not used.)
 pma_signal_step() {  # pma_signal_step NAME SIGNAL
-    local step
-    step=$(squeue -h -s -j "$SLURM_JOB_ID" -o '%i %j' 2>/dev/null | awk -v n="$1" '$2 == n {print $1; exit}')
-    [ -n "$step" ] || return 1
+    local step="" out try
+    for try in 1 2 3 4 5; do
+        if out=$(squeue -h -s -j "$SLURM_JOB_ID" -o '%i %j' 2>&1); then
+            step=$(awk -v n="$1" '$2 == n {print $1; exit}' <<<"$out")
+            [ -n "$step" ] && break
+        fi
+        [ "$try" = 5 ] || sleep 1
+    done
+    if [ -z "$step" ]; then
+        pma_log "no step named $1 found (squeue: ${out:-no output})"
+        return 1
+    fi
     scancel --signal="$2" "$step" 2>/dev/null || true
 }
 

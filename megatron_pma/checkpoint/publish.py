@@ -1,7 +1,8 @@
 """Atomic publication: build in a hidden staging dir beside the output, fsync, rename.
 
-A killed run leaves at most a hidden ``.<name>.pma-staging`` folder (removed by the next run),
-never a visible partial output; a save dir's tracker is written only after the rename.
+A killed run leaves at most a hidden ``.<name>.pma-staging`` folder or a tracker's hidden temp
+file (both removed by the next run), never a visible partial output; a save dir's tracker is
+written only after the rename.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 from megatron_pma.checkpoint.discovery import TRACKER
 from megatron_pma.errors import PMAError
+from megatron_pma.names import TRAIN_STATE_TRACKER
 
 STAGING_SUFFIX = ".pma-staging"
 RETIRED_SUFFIX = ".pma-retired"
@@ -77,7 +80,8 @@ def _owner_alive(lock: Path) -> bool:
 
 
 def remove_stale(output: Path) -> list[Path]:
-    """Remove staging / retired folders (and locks) that killed merges into ``output`` left."""
+    """Remove staging / retired folders (and locks) that killed merges into ``output`` left, and
+    the trackers' temp files beside it whose writer (a process of this host) is gone."""
     output = Path(output)
     removed = []
     if not output.parent.is_dir():
@@ -92,7 +96,28 @@ def remove_stale(output: Path) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 _lock_path(p).unlink(missing_ok=True)
                 removed.append(p)
+    for name in (TRACKER, TRAIN_STATE_TRACKER):
+        for p in output.parent.glob(f".{name}.tmp-*"):
+            host, _, pid = p.name[len(f".{name}.tmp-"):].rpartition("-")
+            if host == _HOST and pid.isdigit() and not _pid_alive(int(pid)):
+                p.unlink(missing_ok=True)
+                removed.append(p)
     return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """A process of this host with that pid runs (a killed one not yet reaped counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc: assume it runs, never delete a live writer's file
+        return True
 
 
 def in_flight(output: Path) -> bool:
@@ -140,9 +165,20 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# Temp files are named after their writer (host and pid): a later run on this host can tell one a
+# killed writer left from one being written, also on a file system other hosts share.
+_HOST = socket.gethostname().replace("/", "_") or "localhost"
+
+
+def atomic_tmp(path: Path, pid: int | None = None) -> Path:
+    """The hidden temp file :func:`write_file_atomic` writes ``path`` through in process ``pid``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.tmp-{_HOST}-{os.getpid() if pid is None else pid}"
+
+
 def write_file_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = atomic_tmp(path)
     with open(tmp, "wb") as f:
         f.write(data)
         if fsync:

@@ -333,17 +333,15 @@ def _cleanup_staging(out: Path, child_pid: int) -> None:
     """Remove what a merge into ``out`` left behind when it was killed: the engine's hidden
     staging / retired folders beside ``out`` (only those whose owner is dead) and a
     half-written tracker temp file."""
-    from megatron_pma.checkpoint.publish import remove_stale
+    from megatron_pma.checkpoint.publish import atomic_tmp, remove_stale
     from megatron_pma.names import TRACKER, TRAIN_STATE_TRACKER
 
     remove_stale(out)
-    for name in (TRACKER, TRAIN_STATE_TRACKER):
-        tmp = out.parent / f".{name}.tmp-{child_pid}"
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+    for name in (TRACKER, TRAIN_STATE_TRACKER):  # also if the child's pid was reused since
+        try:
+            atomic_tmp(out.parent / name, child_pid).unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ import torch
 
 import ckpt_factory
 from helpers import REPO, tree_digest
+from megatron_pma.checkpoint import publish
+from megatron_pma.names import TRACKER
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,15 @@ def _kill_tree(p):
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+    deadline = time.monotonic() + 60  # until each is dead (a zombie at least): the kill has landed
+    for proc in procs:
+        while time.monotonic() < deadline:
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
 
 
 def _check_consistent(out_root: Path, expected: dict):
@@ -134,3 +145,27 @@ def test_sigkill_at_random_points(synthetic_save, tmp_path):
     assert not leftovers
     assert outcomes["killed"] >= 10, outcomes
     assert tree_digest(synthetic_save[0].parent) == before
+
+
+def test_the_next_merge_removes_a_killed_writers_tracker_temp(synthetic_save, tmp_path):
+    """A merge killed while writing the tracker leaves its hidden temp file (named after host and
+    pid; the random kills above land there now and then); the next merge into that save dir
+    removes it, also when it then refuses (output exists). A temp file of a live process, or of
+    another host (a shared file system), is left alone."""
+    save = tmp_path / "save"
+    save.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a finished, reaped process: its pid is free
+    left = publish.atomic_tmp(save / TRACKER, gone.pid)
+    live = publish.atomic_tmp(save / TRACKER, os.getpid())
+    other_host = save / f".{TRACKER}.tmp-another-host-{gone.pid}"
+    for p in (left, live, other_host):
+        p.write_bytes(b"30")
+    p = _start("one process", synthetic_save, save / "iter_0000300")
+    assert p.wait(timeout=300) == 0
+    assert not left.exists() and live.exists() and other_host.exists()
+    assert (save / TRACKER).read_text() == "300"
+    left.write_bytes(b"30")
+    p = _start("one process", synthetic_save, save / "iter_0000300")
+    assert p.wait(timeout=300) == 2  # exists: refused, but the debris is gone
+    assert not left.exists() and live.exists()

@@ -42,3 +42,37 @@ def test_every_knob_is_documented_and_read(script, knobs):
 def test_sbatch_scripts_are_executable():
     for name in ("pretrain_pma.sh", "merge_pma.sh", "grpo_lopti.sh"):
         assert (REPO / "slurm" / name).stat().st_mode & 0o111, name
+
+
+def _signal_step_with_fake_squeue(tmp_path, squeue_failures: int):
+    """pma_signal_step with stand-ins for squeue (fails its first N calls, as a busy slurmctld can;
+    a real one cannot be made to fail on demand) and scancel (records its arguments)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(
+        "#!/bin/bash\n"
+        f"n=$(cat {calls}.squeue 2>/dev/null || echo 0); echo $((n + 1)) > {calls}.squeue\n"
+        f"if [ $n -lt {squeue_failures} ]; then echo 'slurm_load_jobs error: Socket timed out' >&2; exit 1; fi\n"
+        "echo '28.batch batch'; echo '28.0 pma-watch'; echo '28.1 train'\n")
+    (bin_dir / "scancel").write_text(f"#!/bin/bash\necho \"$*\" >> {calls}.scancel\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    script = f"PMA_SCRIPT_NAME=test; source {REPO / 'slurm' / 'common.sh'}; pma_signal_step pma-watch TERM"
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                       env={"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "28"})
+    scancel = (tmp_path / "calls.scancel").read_text() if (tmp_path / "calls.scancel").exists() else ""
+    return r, scancel
+
+
+def test_signal_step_retries_a_failed_squeue(tmp_path):
+    """A failed squeue is asked again (before: the watcher's step was cancelled instead of signalled,
+    and the watcher exited 143 instead of 0)."""
+    r, scancel = _signal_step_with_fake_squeue(tmp_path, squeue_failures=2)
+    assert r.returncode == 0, r.stderr
+    assert scancel.split() == ["--signal=TERM", "28.0"]
+
+
+def test_signal_step_gives_up_after_five_failed_queries(tmp_path):
+    r, scancel = _signal_step_with_fake_squeue(tmp_path, squeue_failures=99)
+    assert r.returncode == 1 and scancel == ""
+    assert "no step named pma-watch found (squeue: slurm_load_jobs error: Socket timed out)" in r.stderr
