@@ -360,7 +360,10 @@ def run(args: argparse.Namespace) -> int:
                 poll_interval=args.poll_interval, backfill=args.backfill,
                 ignore_tracker=args.ignore_tracker, nice=args.nice)
 
+    stopped_by = set()
+
     def on_signal(signum, _frame):
+        stopped_by.add(signum)
         w.stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -368,7 +371,9 @@ def run(args: argparse.Namespace) -> int:
         return w.run(once=args.once)
     finally:
         for s, h in old.items():
-            signal.signal(s, h)
+            # A signal that stopped us stays ignored while we exit: Slurm can deliver SIGTERM twice, and
+            # the default action on a late repeat turned a clean stop (exit 0) into exit 143.
+            signal.signal(s, signal.SIG_IGN if s in stopped_by else h)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,52 @@ def test_sigterm_while_idle_exits_zero(tmp_path):
     assert not (save / "pma").exists()
 
 
+def test_a_repeated_sigterm_while_stopping_still_exits_zero(tmp_path):
+    """Slurm can deliver a step's SIGTERM twice; a repeat that lands after the watcher said
+    "stopped" (its handler already gone) killed it: exit 143 instead of 0. Never fails by chance: a
+    repeat that lands earlier, or after the exit, is harmless either way."""
+    save = tmp_path / "empty"
+    save.mkdir()
+    w = Watch(save, "--num-models", 2, "--poll-interval", 0.2)
+    try:
+        w.wait_line("waiting for a final checkpoint", timeout=60)
+        w.proc.send_signal(signal.SIGTERM)
+        w.wait_line("stopped", timeout=60)
+        if w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
+    finally:
+        rc = w.stop(signal.SIGTERM, timeout=30)
+    assert rc == 0, w.err
+
+
+def test_the_signal_that_stopped_the_watcher_stays_ignored(tmp_path, monkeypatch):
+    """The deterministic half of the test above: once a SIGTERM has stopped the watcher, SIGTERM is
+    ignored (not the default action) until the process exits; SIGINT, which did not, is restored."""
+    import argparse
+
+    from megatron_pma.training import watch
+
+    real_run = watch.Watcher.run
+
+    def run_after_sigterm(self, once=False):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this (main) thread before the next line
+        return real_run(self, once)
+
+    monkeypatch.setattr(watch.Watcher, "run", run_after_sigterm)
+    parser = argparse.ArgumentParser()
+    watch.add_arguments(parser)
+    (tmp_path / "save").mkdir()
+    args = parser.parse_args(["--save-dir", str(tmp_path / "save"), "--num-models", "2", "--poll-interval", "0.2"])
+    old_term, old_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        assert watch.run(args) == 0
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == old_int
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
