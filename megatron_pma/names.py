@@ -7,6 +7,9 @@ TRACKER = "latest_checkpointed_iteration.txt"
 # copy of the newest one, and Bridge's loader reads it before the .txt tracker.
 TRAIN_STATE = "train_state.pt"
 TRAIN_STATE_TRACKER = "latest_train_state.pt"
+# Megatron-Bridge's per-checkpoint Hugging Face export (also in NeMo-RL's Megatron checkpoints):
+# merged only when asked.
+HF_EXPORT = "hf"
 PROVENANCE_FILE = "pma_provenance.json"
 # Inputs oldest -> newest: by their iteration, or as the caller gave them.
 ORDERS = ("iteration", "given")

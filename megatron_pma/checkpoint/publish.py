@@ -98,8 +98,8 @@ def remove_stale(output: Path) -> list[Path]:
                 removed.append(p)
     for name in (TRACKER, TRAIN_STATE_TRACKER):
         for p in output.parent.glob(f".{name}.tmp-*"):
-            host, _, pid = p.name[len(f".{name}.tmp-"):].rpartition("-")
-            if host == _HOST and pid.isdigit() and not _pid_alive(int(pid)):
+            pid = _tmp_writer_pid(p, name)
+            if pid is not None and not _pid_alive(pid):
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
@@ -174,6 +174,12 @@ def atomic_tmp(path: Path, pid: int | None = None) -> Path:
     """The hidden temp file :func:`write_file_atomic` writes ``path`` through in process ``pid``."""
     path = Path(path)
     return path.parent / f".{path.name}.tmp-{_HOST}-{os.getpid() if pid is None else pid}"
+
+
+def _tmp_writer_pid(tmp: Path, name: str) -> int | None:
+    """The pid in an :func:`atomic_tmp` name of file ``name``, if its writer ran on this host."""
+    host, _, pid = tmp.name[len(f".{name}.tmp-"):].rpartition("-")
+    return int(pid) if host == _HOST and pid.isdigit() else None
 
 
 def write_file_atomic(path: Path, data: bytes, fsync: bool = True) -> None:

@@ -26,10 +26,9 @@ from megatron_pma.checkpoint import dcp, publish
 from megatron_pma.checkpoint.discovery import TRACKER, iteration_from_name, read_tracker
 from megatron_pma.errors import PMAError
 from megatron_pma.layouts.base import Layout, StateFn
-from megatron_pma.names import TRAIN_STATE, TRAIN_STATE_TRACKER
+from megatron_pma.names import HF_EXPORT, TRAIN_STATE, TRAIN_STATE_TRACKER
 
 RUN_CONFIG = "run_config.yaml"
-HF_EXPORT = "hf"
 
 
 class Bridge(Layout):

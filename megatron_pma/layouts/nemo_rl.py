@@ -29,6 +29,7 @@ from pathlib import Path
 from megatron_pma.checkpoint import dcp, safetensors_file
 from megatron_pma.errors import PMAError
 from megatron_pma.layouts.base import Layout, StateFn
+from megatron_pma.names import HF_EXPORT
 
 STEP = re.compile(r"^step_(\d+)$")
 IN_FLIGHT = re.compile(r"^(?:tmp|old)_step_\d+$")
@@ -36,7 +37,6 @@ TRAINING_INFO = "training_info.json"
 POLICY, WEIGHTS, OPTIMIZER = "policy", "weights", "optimizer"
 BRIDGE_ITER = "iter_0000000"   # the one checkpoint of the Megatron backend's Bridge save dir
 MODEL = "model"                # the DTensor backend's weights folder (Automodel's save_model)
-HF_EXPORT = "hf"               # Bridge's per-checkpoint Hugging Face export: merged only when asked
 
 
 def step_root(path: Path) -> Path | None:
